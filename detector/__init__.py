@@ -1,0 +1,1 @@
+"""YOLOv3 training template for studying sample imbalance through the loss."""

@@ -1,0 +1,146 @@
+"""The YOLOv3 loss: assignment, ignore mask and reduction around three pluggable losses.
+
+Darknet's recipe (``yolo_layer.c``; LOSSES.md §2): each ground truth is learnt by its best
+anchor over all scales; objectness is learnt everywhere except at negatives whose decoded
+box overlaps a ground truth by more than ``ignore_thresh``; classes and boxes only at
+positives. The pluggable parts are elementwise (DESIGN.md); this module owns the sum and
+its normaliser, so every variant is compared under the same reduction.
+
+Reduction: each component is ``weight · Σ elements / Z`` with ``Z`` the number of positives
+(RetinaNet, arXiv 1708.02002), of images (darknet, Ultralytics) or of anchors (a plain mean).
+Under DDP, ``Z`` is summed over processes and divided by the world size, so that the
+gradients DDP averages equal those of one process holding the whole batch.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops import dist
+from ..ops.assign import GroundTruth, assign
+from ..ops.boxes import anchor_grid, batched_box_iou, decode, encode, flatten_outputs
+from .base import BoxLoss, BoxSet, ClassificationLoss, SampleInfo
+from .box import DarknetBoxLoss
+from .classification import BCE
+from .objectness import BCEObjectness
+
+Normalize = Literal["num_pos", "batch", "num_anchors"]
+
+
+class YOLOLoss(nn.Module):
+    """YOLOv3 loss with pluggable objectness, classification and box terms.
+
+    Args:
+        objectness: elementwise loss on the objectness logit of every anchor (C = 1);
+            ``BCEObjectness`` (the paper) when None.
+        classification: elementwise loss on the class logits ``[P, C]`` of the positives; ``BCE`` when None.
+        box: box loss on the positives; ``DarknetBoxLoss(scale="2-wh")`` when None.
+        ignore_thresh: negatives whose decoded box has IoU above this with any ground truth
+            get no objectness loss (0.5 in darknet's default, 0.7 in yolov3.cfg).
+        normalize: the divisor Z of every component, see the module docstring.
+        obj_weight, cls_weight, box_weight: component weights.
+
+    ``forward(outputs, targets, anchors, strides)``: ``outputs`` per scale
+    ``[B, A, H_s, W_s, 5 + C]`` raw; ``targets`` the DESIGN.md dicts (``boxes [N, 4]`` xyxy input
+    pixels, ``labels [N]``); ``anchors [S, A, 2]`` pixels; ``strides`` per scale. Returns a dict
+    of scalars ``loss`` (the total, for backward), ``loss_obj``, ``loss_cls``, ``loss_box`` and
+    ``num_pos`` (this process's positives, detached).
+    """
+
+    def __init__(
+        self,
+        objectness: ClassificationLoss | None = None,
+        classification: ClassificationLoss | None = None,
+        box: BoxLoss | None = None,
+        ignore_thresh: float = 0.5,
+        normalize: Normalize = "batch",
+        obj_weight: float = 1.0,
+        cls_weight: float = 1.0,
+        box_weight: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if normalize not in ("num_pos", "batch", "num_anchors"):
+            raise ValueError(f"normalize must be 'num_pos', 'batch' or 'num_anchors', got {normalize!r}")
+        if not 0.0 < ignore_thresh <= 1.0:
+            raise ValueError(f"ignore_thresh must be in (0, 1], got {ignore_thresh}")
+        self.objectness = objectness if objectness is not None else BCEObjectness()
+        self.classification = classification if classification is not None else BCE()
+        self.box = box if box is not None else DarknetBoxLoss()
+        self.ignore_thresh = ignore_thresh
+        self.normalize = normalize
+        self.weights = (obj_weight, cls_weight, box_weight)
+
+    def forward(
+        self, outputs: list[Tensor], targets: list[dict[str, Tensor]], anchors: Tensor, strides: list[int]
+    ) -> dict[str, Tensor]:
+        shapes = [(o.shape[2], o.shape[3]) for o in outputs]
+        raw = flatten_outputs(outputs)  # (B, N, 5 + C)
+        b_n, n_rows, n_cls = raw.shape[0], raw.shape[1], raw.shape[2] - 5
+        cells, anchor_wh, steps = anchor_grid(shapes, anchors, strides)
+        boxes = decode(raw, cells, anchor_wh, steps)  # (B, N, 4) pixels
+        in_size = boxes.new_tensor([shapes[0][1] * strides[0], shapes[0][0] * strides[0]]).repeat(2)
+        gt = GroundTruth.from_targets(targets, raw.device)
+        b, r, g = assign(gt, anchors, strides, shapes)  # (P,) each
+
+        with torch.no_grad():
+            max_iou = batched_box_iou(boxes.detach(), gt.padded).amax(-1)  # (B, N)
+            obj_w = (max_iou <= self.ignore_thresh).to(raw.dtype)
+            obj_w[b, r] = 1.0
+            obj_t = torch.zeros_like(obj_w)
+            obj_t[b, r] = 1.0
+
+        pos = raw[b, r]  # (P, 5 + C)
+        t_boxes = gt.boxes[g]
+        pred = BoxSet(pos[:, :4], boxes[b, r] / in_size)
+        target = BoxSet(encode(t_boxes, cells[r], anchor_wh[r], steps[r]), t_boxes / in_size)
+        cls_t = F.one_hot(gt.labels[g], n_cls).to(raw.dtype)
+
+        obj_info = pos_info = None
+        if self.objectness.needs_info or self.classification.needs_info or self.box.needs_info:
+            obj_info, pos_info = self._sample_info(raw, boxes / in_size, b, r, g, gt, pred, target)
+        l_obj = self.objectness(raw[..., 4].reshape(-1, 1), obj_t.view(-1, 1), obj_w.view(-1, 1), obj_info).sum()
+        l_cls = self.classification(pos[:, 5:], cls_t, None, pos_info).sum()
+        l_box = self.box(pred, target, None, pos_info).sum()
+
+        z = self._normaliser(len(b), b_n, n_rows, raw)
+        parts = [w * loss / z for w, loss in zip(self.weights, (l_obj, l_cls, l_box))]
+        return {
+            "loss": parts[0] + parts[1] + parts[2],
+            "loss_obj": parts[0].detach(),
+            "loss_cls": parts[1].detach(),
+            "loss_box": parts[2].detach(),
+            "num_pos": torch.tensor(float(len(b)), device=raw.device),
+        }
+
+    def _normaliser(self, n_pos: int, n_img: int, n_rows: int, ref: Tensor) -> Tensor:
+        """Z, summed over processes and divided by the world size (see the module docstring)."""
+        count = {"num_pos": n_pos, "batch": n_img, "num_anchors": n_img * n_rows}[self.normalize]
+        total = dist.all_reduce_sum(ref.new_tensor(float(count)))
+        return total.clamp(min=1.0) / dist.world_size()
+
+    @staticmethod
+    def _sample_info(
+        raw: Tensor, boxes: Tensor, b: Tensor, r: Tensor, g: Tensor, gt: GroundTruth, pred: BoxSet, target: BoxSet
+    ) -> tuple[SampleInfo, SampleInfo]:
+        """SampleInfo for every anchor (objectness rows) and for the positives (class and box rows).
+
+        Ground-truth and image ids are offset by the process rank so that they stay unique across DDP.
+        """
+        b_n, n_rows = raw.shape[:2]
+        offset = dist.rank() << 32
+        flat = b * n_rows + r
+        with torch.no_grad():
+            ious = batched_box_iou(pred.xyxy.detach()[:, None], target.xyxy[:, None]).view(-1)
+            labels = torch.full((b_n * n_rows,), -1, dtype=torch.long, device=raw.device)
+            gt_ids, all_ious = labels.clone(), raw.new_zeros(b_n * n_rows)
+            labels[flat], gt_ids[flat], all_ious[flat] = gt.labels[g], g + offset, ious
+            scores = (raw[..., 4:5].sigmoid() * raw[..., 5:].sigmoid()).amax(-1).reshape(-1)
+            image_ids = torch.arange(b_n, device=raw.device).repeat_interleave(n_rows) + offset
+        every = SampleInfo(labels, gt_ids, all_ious, boxes.detach().reshape(-1, 4), scores, image_ids)
+        cls_score = raw[b, r, 5:].sigmoid().gather(1, gt.labels[g, None]).squeeze(1)
+        positives = SampleInfo(labels[flat], gt_ids[flat], ious, every.boxes[flat], scores[flat], image_ids[flat], cls_score)
+        return every, positives

@@ -1,0 +1,1 @@
+"""Lightning-free, pure-torch operations: box coding, assignment, post-processing, DDP collectives."""

@@ -1,0 +1,77 @@
+"""Darknet's YOLOv3 target assignment (``yolo_layer.c``; LOSSES.md §2), vectorised.
+
+Each ground truth goes to the one anchor, among all S·A, whose (w, h) shape has the highest
+IoU with its own (both centred together), at the grid cell of that anchor's scale that holds
+the box centre. When two ground truths land on the same anchor and cell, the later one wins,
+as in darknet's loop. No Python loop over boxes or anchors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .boxes import wh_iou
+
+
+@dataclass
+class GroundTruth:
+    """The batch's ground truths, concatenated over images (G rows).
+
+    boxes ``[G, 4]`` xyxy input pixels, labels int64 ``[G]``, batch int64 ``[G]`` (image index),
+    and ``padded [B, G_max, 4]`` the same boxes per image, zero-padded, for batched IoU.
+    """
+
+    boxes: Tensor
+    labels: Tensor
+    batch: Tensor
+    padded: Tensor
+
+    @classmethod
+    def from_targets(cls, targets: list[dict[str, Tensor]], device: torch.device) -> GroundTruth:
+        """Gather the ``boxes``/``labels`` of the DESIGN.md target dicts."""
+        counts = torch.tensor([len(t["boxes"]) for t in targets], device=device)
+        boxes = torch.cat([t["boxes"] for t in targets]).to(device, torch.float32).reshape(-1, 4)
+        labels = torch.cat([t["labels"] for t in targets]).to(device, torch.long).reshape(-1)
+        batch = torch.repeat_interleave(torch.arange(len(targets), device=device), counts)
+        padded = boxes.new_zeros(len(targets), max(int(counts.max()) if len(targets) else 0, 1), 4)
+        if len(boxes):
+            slot = torch.arange(len(boxes), device=device) - (torch.cumsum(counts, 0) - counts)[batch]
+            padded[batch, slot] = boxes
+        return cls(boxes, labels, batch, padded)
+
+
+def assign(
+    gt: GroundTruth, anchors: Tensor, strides: list[int], shapes: list[tuple[int, int]]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Best-of-all-anchors assignment.
+
+    Args:
+        gt: the batch's ground truths.
+        anchors: ``[S, A, 2]`` anchor sizes in pixels, per scale.
+        strides: stride of each scale. shapes: (H_s, W_s) of each scale's grid.
+    Returns:
+        ``(batch [P], row [P], gt_index [P])``: positive anchors as image index and row of the
+        flat layout of :func:`detector.ops.boxes.anchor_grid`, and the ground truth each learns.
+    """
+    s_n, a_n = anchors.shape[:2]
+    cxcy = (gt.boxes[:, :2] + gt.boxes[:, 2:]) / 2
+    best = wh_iou(gt.boxes[:, 2:] - gt.boxes[:, :2], anchors.view(-1, 2)).argmax(1)  # [G]
+    scale, anchor = best // a_n, best % a_n
+    dev = anchors.device
+    hw = torch.tensor(shapes, device=dev)  # [S, 2] = (H, W)
+    stride = torch.tensor(strides, device=dev, dtype=torch.float32)[scale]
+    size = hw.prod(1)
+    offset = torch.cumsum(size * a_n, 0) - size * a_n  # first row of each scale
+    gi = (cxcy[:, 0] / stride).long().clamp(min=0).minimum(hw[scale, 1] - 1)
+    gj = (cxcy[:, 1] / stride).long().clamp(min=0).minimum(hw[scale, 0] - 1)
+    row = offset[scale] + anchor * size[scale] + gj * hw[scale, 1] + gi
+    n_rows = int((size * a_n).sum())
+    # Collisions on one (image, row): the last ground truth wins, as darknet overwrites.
+    key = gt.batch * n_rows + row
+    uniq, inverse = torch.unique(key, return_inverse=True)
+    idx = torch.arange(len(key), device=dev)
+    winner = torch.full((len(uniq),), -1, device=dev, dtype=torch.long).scatter_reduce(0, inverse, idx, "amax")
+    return gt.batch[winner], row[winner], winner
