@@ -1,0 +1,88 @@
+"""Albumentations pipelines and the letterbox convention.
+
+Both pipelines take ``image`` uint8 (H, W, 3), ``bboxes`` xyxy original pixels
+(``pascal_voc``) and ``labels``, and return a ``size x size`` image with boxes in that frame.
+
+Letterbox: the longest side is resized to ``size`` (aspect kept), then the image is padded
+to ``size x size`` with gray 114, centred. It is recorded as ``(scale, pad_x, pad_y)``:
+
+    input = orig * scale + pad          orig = (input - pad) / scale
+
+``letterbox_params`` computes it exactly as ``val_transforms`` does. The resized short side
+is rounded to whole pixels, so along that axis the true scale differs from ``scale`` by at
+most ``0.5 / orig_side``: mapping back is exact to within ``0.5 / scale`` original pixels
+(< 0.7 px for 416 -> 320). For training samples the recorded letterbox is that of the base
+letterbox only (before the random affine and flip), so it is meaningful for val/test only.
+"""
+
+from __future__ import annotations
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+
+PAD_VALUE = 114  # gray used for letterbox padding and affine borders (as in YOLOv3-v5)
+MIN_BOX_SIDE = 2.0  # training boxes thinner than this (input pixels) after augmentation are dropped
+
+
+def letterbox_params(orig_hw: tuple[int, int], size: int) -> tuple[float, float, float]:
+    """``(scale, pad_x, pad_y)`` of the letterbox that ``val_transforms(size)`` applies to an (h, w) image."""
+    h, w = orig_hw
+    scale = size / max(h, w)
+    new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))  # as A.LongestMaxSize
+    pad_y, pad_x = int((size - new_h) / 2.0), int((size - new_w) / 2.0)  # as A.PadIfNeeded(position="center")
+    return scale, float(pad_x), float(pad_y)
+
+
+def unletterbox_boxes(boxes: torch.Tensor, letterbox: torch.Tensor) -> torch.Tensor:
+    """Map xyxy boxes ``(N, 4)`` from the input frame back to original pixels with ``letterbox = (scale, pad_x, pad_y)``."""
+    scale, pad_x, pad_y = letterbox.to(boxes.dtype).unbind(-1)
+    pad = torch.stack([pad_x, pad_y, pad_x, pad_y])
+    return (boxes - pad) / scale
+
+
+def _letterbox(size: int) -> list[A.BasicTransform]:
+    return [
+        A.LongestMaxSize(max_size=size, interpolation=cv2.INTER_LINEAR),
+        A.PadIfNeeded(size, size, position="center", border_mode=cv2.BORDER_CONSTANT, fill=PAD_VALUE),
+    ]
+
+
+def train_transforms(size: int, color_jitter: bool = True, seed: int | None = None) -> A.Compose:
+    """Letterbox, random scale 0.6-1.4 and translate +-10 %, horizontal flip, HSV jitter.
+
+    Boxes are clipped to the image and dropped when a side falls below ``MIN_BOX_SIDE``.
+    ``seed`` fixes the augmentation stream (tests); the dataloader reseeds each worker.
+    """
+    transforms = _letterbox(size) + [
+        A.Affine(
+            scale=(0.6, 1.4),
+            translate_percent=(-0.1, 0.1),
+            keep_ratio=True,
+            border_mode=cv2.BORDER_CONSTANT,
+            fill=PAD_VALUE,
+            p=1.0,
+        ),
+        A.HorizontalFlip(p=0.5),
+    ]
+    if color_jitter:
+        transforms.append(A.HueSaturationValue(hue_shift_limit=10, sat_shift_limit=40, val_shift_limit=30, p=1.0))
+    bbox_params = A.BboxParams(
+        format="pascal_voc", label_fields=["labels"], min_width=MIN_BOX_SIDE, min_height=MIN_BOX_SIDE, clip=True
+    )
+    return A.Compose(transforms, bbox_params=bbox_params, seed=seed)
+
+
+def val_transforms(size: int) -> A.Compose:
+    """Letterbox only (deterministic); every box is kept, clipped to the image."""
+    bbox_params = A.BboxParams(format="pascal_voc", label_fields=["labels"], clip=True)
+    return A.Compose(_letterbox(size), bbox_params=bbox_params)
+
+
+def apply(transform: A.Compose, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray):
+    """Run a pipeline; returns ``(image (S, S, 3) uint8, boxes float32 (N, 4), labels int64 (N,))``."""
+    out = transform(image=image, bboxes=boxes, labels=labels)
+    boxes = np.asarray(out["bboxes"], np.float32).reshape(-1, 4)
+    labels = np.asarray(out["labels"], np.int64).reshape(-1)
+    return out["image"], boxes, labels
