@@ -1,0 +1,90 @@
+"""GHM-C, the gradient harmonizing classification loss (Li et al., arXiv 1811.05181; LOSSES.md §4)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..ops.dist import all_reduce_sum
+from .base import ClassificationLoss, SampleInfo
+from .classification import _check_shapes
+
+
+class GHMC(ClassificationLoss):
+    """Gradient harmonized sigmoid BCE: each element weighted by the inverse density of its gradient norm.
+
+    Shapes: ``logits [N, C]``, ``targets [N, C]`` in [0, 1], ``weight [N, C] | None`` -> ``[N, C]``.
+
+    - ``g = |σ(x) − y|`` (detached) falls in one of M equal bins of [0, 1] (edges ``i/M``, the
+      last nudged up by 1e-6, so g = 1 lands in the last bin).
+    - Only elements with ``weight > 0`` are counted; ``tot`` = their number, ``n`` = the number
+      of non-empty bins, ``count_b`` the number in bin b. In DDP counts and ``tot`` are summed
+      over all processes (one collective), so every process weights alike.
+    - ``w = tot / (count_b · n)``; with ``momentum`` m > 0, ``count_b`` is replaced by the running
+      ``acc_b ← m·acc_b + (1 − m)·count_b`` (starts at 0, no bias correction, only the current
+      batch's non-empty bins updated), kept in the persistent buffer ``acc`` (checkpointed).
+      The buffer is only written in training mode, so validation does not move it.
+    - Returns ``w · BCE(x, y) · weight``, unreduced. Without momentum the w average to 1 over the
+      valid elements, so ``sum / tot`` is the paper's loss (with M = 1: plain mean BCE).
+
+    Args:
+        bins: M ≥ 1 (30 in the paper's RetinaNet recipe).
+        momentum: m in [0, 1) (0.75 in the paper's recipe; 0 = no running average).
+    """
+
+    acc: Tensor
+    edges: Tensor
+
+    def __init__(self, bins: int = 30, momentum: float = 0.75) -> None:
+        super().__init__()
+        if int(bins) != bins or bins < 1:
+            raise ValueError(f"bins must be an integer >= 1, got {bins}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        self.bins = int(bins)
+        self.momentum = float(momentum)
+        edges = torch.arange(self.bins + 1).float() / self.bins
+        edges[-1] += 1e-6
+        self.register_buffer("edges", edges, persistent=False)
+        self.register_buffer("acc", torch.zeros(self.bins))  # running bin counts, persistent
+
+    def _bin_index(self, g: Tensor, valid: Tensor | None) -> Tensor:
+        """Bin ``b`` of each element (``edges[b] <= g < edges[b+1]``); ``M`` for invalid elements."""
+        if valid is not None:
+            g = g.masked_fill_(~valid, 2.0)  # past the last edge (1 + 1e-6): bin M
+        return torch.bucketize(g, self.edges[1:].to(g.dtype), right=True)  # number of edges[1:] <= g
+
+    @torch.no_grad()
+    def harmonizing_weights(self, logits: Tensor, targets: Tensor, weight: Tensor | None) -> Tensor:
+        """``w [N, C]`` (0 for invalid elements); updates the running counts when momentum > 0."""
+        g = torch.sigmoid(logits.float()).sub_(targets.float()).abs_()  # gradient norm
+        idx = self._bin_index(g, None if weight is None else weight > 0)
+        counts = torch.bincount(idx.flatten(), minlength=self.bins + 1)  # (M + 1,), last = invalid
+        counts[-1] = idx.numel() - counts[-1]  # reuse the slot for tot, the number of valid elements
+        counts = all_reduce_sum(counts)  # one collective for every bin and tot
+        counts, tot = counts[:-1].float(), counts[-1].float().clamp_min(1.0)
+        nonempty = counts > 0
+        n = nonempty.sum().clamp_min(1).float()
+        if self.momentum > 0:
+            m = self.momentum
+            density = torch.where(nonempty, m * self.acc + (1.0 - m) * counts, self.acc)
+            if self.training:  # evaluation uses the running counts but leaves them untouched
+                self.acc.copy_(density)
+        else:
+            density = counts
+        w_bin = torch.where(nonempty, density.clamp_min(1e-12).reciprocal() * tot / n, 0.0)  # (M,) tot/(count·n)
+        w_bin = torch.cat([w_bin, w_bin.new_zeros(1)])  # invalid elements -> 0
+        return w_bin.take(idx)  # (N, C)
+
+    def forward(
+        self, logits: Tensor, targets: Tensor, weight: Tensor | None = None, info: SampleInfo | None = None
+    ) -> Tensor:
+        _check_shapes(logits, targets, weight)
+        w = self.harmonizing_weights(logits, targets, weight).to(logits.dtype)  # (N, C), no grad
+        if weight is not None:
+            w = w.mul_(weight)
+        return F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype), w, reduction="none")
+
+    def extra_repr(self) -> str:
+        return f"bins={self.bins}, momentum={self.momentum}"

@@ -1,0 +1,35 @@
+"""Objectness losses: the classification contract with C = 1 (LOSSES.md §2).
+
+``logits [N, 1]``, ``targets [N, 1]`` in [0, 1], ``weight [N, 1]`` (0 for ignored anchors)
+-> ``loss [N, 1]``, unreduced.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import ClassificationLoss, SampleInfo
+from .classification import BCE, _check_shapes, _weighted
+
+
+class BCEObjectness(BCE):
+    """Binary cross-entropy on the objectness logit, as the YOLOv3 paper says (arXiv 1804.02767).
+
+    ``loss = −y log σ(x) − (1 − y) log(1 − σ(x))`` with gradient ``σ(x) − y``: exactly the
+    negative of darknet's ``delta = y − σ(x)``. ``label_smoothing`` as in :class:`BCE`.
+    """
+
+
+class MSEObjectness(ClassificationLoss):
+    """Squared error on the objectness probability, how darknet's objectness is often read.
+
+    ``loss = (σ(x) − y)²``, times ``weight`` if given, with gradient ``2(p − y)·p(1 − p)``,
+    which vanishes for confident mistakes (p → 0 or 1), unlike BCE's ``p − y`` (arXiv 1804.02767).
+    """
+
+    def forward(
+        self, logits: Tensor, targets: Tensor, weight: Tensor | None = None, info: SampleInfo | None = None
+    ) -> Tensor:
+        _check_shapes(logits, targets, weight)
+        return _weighted((torch.sigmoid(logits) - targets.to(logits.dtype)) ** 2, weight)
