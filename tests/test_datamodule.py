@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from detector.ops.boxes import unletterbox
+
 from detector.data import (
     CocoDetection,
     DetectionDataModule,
@@ -15,7 +17,6 @@ from detector.data import (
     collate,
     letterbox_params,
     train_transforms,
-    unletterbox_boxes,
     val_transforms,
 )
 from detector.data.transforms import PAD_VALUE, apply
@@ -49,7 +50,7 @@ def test_letterbox_params_match_the_val_pipeline(hw):
     mapped = boxes * scale + np.array([pad_x, pad_y, pad_x, pad_y], np.float32)
     # the short side is resized to round(side * scale) pixels: at most 0.5 input px off
     assert np.abs(out - mapped).max() <= 0.5 + 1e-3
-    back = unletterbox_boxes(torch.from_numpy(out), torch.tensor([scale, pad_x, pad_y]))
+    back = unletterbox(torch.from_numpy(out), torch.tensor([scale, pad_x, pad_y]), torch.tensor([h, w]))
     assert (back - torch.from_numpy(boxes)).abs().max() <= 0.5 / scale + 1e-3  # bound in original px
 
     # the image lands exactly where the recorded pads say; the rest is gray
@@ -158,7 +159,7 @@ def test_datamodule_yields_the_contract(shapes_root, num_workers):
             raw = val[i]
             assert t["orig_size"].tolist() == list(raw["image"].shape[:2])
             assert t["letterbox"].tolist() == pytest.approx(letterbox_params(raw["image"].shape[:2], SIZE))
-            back = unletterbox_boxes(t["boxes"], t["letterbox"])
+            back = unletterbox(t["boxes"], t["letterbox"], t["orig_size"])
             assert torch.allclose(back, torch.from_numpy(raw["boxes"]), atol=0.5 / float(t["letterbox"][0]) + 1e-3)
             assert t["labels"].tolist() == raw["labels"].tolist()
     assert ids == val.image_ids  # ordered

@@ -4,7 +4,7 @@ from detector.data.coco import CocoDetection, load_coco_json
 from detector.data.collate import TARGET_KEYS, collate
 from detector.data.datamodule import DetectionDataModule, TransformedDataset
 from detector.data.shapes import SHAPES_CLASSES, ShapesConfig, ensure_shapes
-from detector.data.transforms import letterbox_params, train_transforms, unletterbox_boxes, val_transforms
+from detector.data.transforms import letterbox_params, train_transforms, val_transforms
 
 __all__ = [
     "SHAPES_CLASSES",
@@ -18,6 +18,5 @@ __all__ = [
     "letterbox_params",
     "load_coco_json",
     "train_transforms",
-    "unletterbox_boxes",
     "val_transforms",
 ]

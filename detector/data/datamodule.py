@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import albumentations as A
+import cv2
 import lightning as L
 import numpy as np
 import torch
@@ -43,6 +44,7 @@ class TransformedDataset(Dataset):
         info = get_worker_info()
         key = (os.getpid(), info.id if info is not None else -1)
         if key != self._seeded_for:
+            cv2.setNumThreads(1)  # one thread per loader process: workers must not crowd the training threads
             self.transform.set_random_seed(torch.initial_seed() % 2**32)
             self._seeded_for = key
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import albumentations as A
 import cv2
 import numpy as np
-import torch
 
 PAD_VALUE = 114  # gray used for letterbox padding and affine borders (as in YOLOv3-v5)
 MIN_BOX_SIDE = 2.0  # training boxes thinner than this (input pixels) after augmentation are dropped
@@ -33,13 +32,6 @@ def letterbox_params(orig_hw: tuple[int, int], size: int) -> tuple[float, float,
     new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))  # as A.LongestMaxSize
     pad_y, pad_x = int((size - new_h) / 2.0), int((size - new_w) / 2.0)  # as A.PadIfNeeded(position="center")
     return scale, float(pad_x), float(pad_y)
-
-
-def unletterbox_boxes(boxes: torch.Tensor, letterbox: torch.Tensor) -> torch.Tensor:
-    """Map xyxy boxes ``(N, 4)`` from the input frame back to original pixels with ``letterbox = (scale, pad_x, pad_y)``."""
-    scale, pad_x, pad_y = letterbox.to(boxes.dtype).unbind(-1)
-    pad = torch.stack([pad_x, pad_y, pad_x, pad_y])
-    return (boxes - pad) / scale
 
 
 def _letterbox(size: int) -> list[A.BasicTransform]:

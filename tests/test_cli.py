@@ -1,0 +1,91 @@
+"""End to end through the real CLI and the real default config, with tiny limits."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from detector.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT = str(ROOT / "configs" / "default.yaml")
+
+
+def _tiny(tmp_path: Path) -> list[str]:
+    return [
+        "--config", DEFAULT,
+        "--data.root", str(tmp_path / "shapes"),
+        "--data.embedded.num_train", "8",
+        "--data.embedded.num_val", "4",
+        "--data.image_size", "128",
+        "--data.batch_size", "4",
+        "--data.num_workers", "0",
+        "--trainer.max_epochs", "1",
+        "--trainer.check_val_every_n_epoch", "1",
+        "--trainer.logger", "false",
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.default_root_dir", str(tmp_path / "runs"),
+    ]  # fmt: skip
+
+
+def test_fit_then_validate_best_checkpoint(tmp_path: Path) -> None:
+    cli = main(_tiny(tmp_path))  # no subcommand: fit is implied
+    metrics = cli.trainer.callback_metrics
+    for key in ("val/map", "val/map_50", "val/map_75", "val/mar_100", "val/loss"):
+        assert key in metrics
+    assert 0.0 <= float(metrics["val/map"]) <= 1.0
+    assert torch.isfinite(metrics["val/loss"])
+    ckpts = sorted(p.name for p in (tmp_path / "runs").rglob("*.ckpt"))
+    assert "last.ckpt" in ckpts and len(ckpts) == 2
+    assert cli.model.class_names == ["circle", "rectangle", "triangle", "cross", "star"]
+    assert cli.trainer.global_step == 2  # 8 images / batch 4
+
+
+def test_validate_and_test_subcommands_from_checkpoint(tmp_path: Path) -> None:
+    main(_tiny(tmp_path))
+    ckpt = next((tmp_path / "runs").rglob("last.ckpt"))
+    for sub in ("validate", "test"):
+        cli = main([sub, *_tiny(tmp_path), "--ckpt_path", str(ckpt)])
+        assert f"{sub if sub == 'test' else 'val'}/map_50" in cli.trainer.callback_metrics
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--model.preset", "yolov4"], "unknown model preset 'yolov4'"),
+        (["--data.embedded", "null", "--data.root", "/no/such/folder"], "/no/such/folder"),
+    ],
+)
+def test_user_mistakes_end_in_one_line(tmp_path: Path, extra: list[str], message: str) -> None:
+    proc = _run(*_tiny(tmp_path), *extra)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and message in last
+
+
+def test_annotation_file_that_is_not_coco(tmp_path: Path) -> None:
+    (tmp_path / "mine" / "train").mkdir(parents=True)
+    (tmp_path / "mine" / "ann.json").write_text('{"foo": 1}')
+    proc = _run(*_tiny(tmp_path), "--data.embedded", "null", "--data.root", str(tmp_path / "mine"),
+                "--data.train_annotations", "ann.json", "--data.val_images", "train", "--data.val_annotations", "ann.json")  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "COCO" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_misspelt_loss_class_is_reported_by_the_parser(tmp_path: Path) -> None:
+    proc = _run(*_tiny(tmp_path), "--model.loss.init_args.classification", "FocalLos")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "FocalLos" in proc.stderr
+
+
+def test_print_config_resolves_layered_recipe(tmp_path: Path) -> None:
+    proc = _run("--config", DEFAULT, "--model.loss.init_args.normalize", "num_pos", "--print_config")
+    assert proc.returncode == 0, proc.stderr
+    assert "normalize: num_pos" in proc.stdout and "detector.losses.DarknetBoxLoss" in proc.stdout
