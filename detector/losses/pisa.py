@@ -86,8 +86,10 @@ def nms_clusters(boxes: Tensor, scores: Tensor, image_ids: Tensor, iou_thresh: f
     the head that suppressed it. Survivors head their own cluster. Boxes and heads are laid out
     per image, padded (``[I, K_max]``, ``[I, H_max]``), so the IoU matrix stays per image.
     """
-    heads = batched_nms(boxes, scores, image_ids, iou_thresh)  # (H,) by descending score
-    _, img = torch.unique(image_ids, return_inverse=True)  # dense image index (K,)
+    # Dense image index: batched_nms offsets boxes by index × max coordinate, so raw ids (DDP
+    # offsets them by rank << 32) would lose the boxes' precision in float32.
+    _, img = torch.unique(image_ids, return_inverse=True)  # (K,)
+    heads = batched_nms(boxes, scores, img, iou_thresh)  # (H,) by descending score
     slot, k_max = _slots(img)
     h_slot, h_max = _slots(img[heads])  # stable: heads stay by descending score in an image
     n_img, h_img = int(img.max()) + 1, img[heads]
@@ -231,7 +233,8 @@ class ISR(ClassificationLoss):
         """``(cand [N] bool, w [cand.sum()])`` for the negatives that take part in ISR-N."""
         idx = torch.nonzero(neg & (info.scores > self.neg_score_thresh)).flatten()
         idx = idx[self._topk(info.scores[idx])]  # global top-k ⊆ union of local top-k
-        rows = torch.cat([info.scores[idx, None], info.boxes[idx], info.image_ids[idx, None]], 1).double()
+        # float64 before the cat: image ids carry DDP's rank << 32 offset, which float32 would round
+        rows = torch.cat([info.scores[idx, None].double(), info.boxes[idx].double(), info.image_ids[idx, None].double()], 1)
         rows, offset = all_gather_cat(rows)  # (K_global, 6): score, box, image id
         keep = self._topk(rows[:, 0])
         w_all = torch.ones(rows.shape[0], device=rows.device)
