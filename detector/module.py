@@ -64,7 +64,7 @@ class DetectorModule(L.LightningModule):
 
     @staticmethod
     def _make_metric() -> MeanAveragePrecision:
-        return MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="faster_coco_eval")
+        return MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="faster_coco_eval", class_metrics=True)
 
     def forward(self, images: Tensor) -> list[Tensor]:
         """``images [B, 3, S, S]`` -> per scale ``[B, A, S/s, S/s, 5 + C]`` raw outputs."""
@@ -101,6 +101,9 @@ class DetectorModule(L.LightningModule):
         result = metric.compute()  # synchronised across processes by torchmetrics
         for k in MAP_KEYS:
             self.log(f"{stage}/{k}", result[k].float(), prog_bar=k == "map_50")
+        # per class: -1 marks a class with no ground truth and no detection in this split
+        for label, ap in zip(result["classes"].view(-1).tolist(), result["map_per_class"].view(-1)):
+            self.log(f"{stage}/map_class/{self.class_names[label]}", ap.float())
         metric.reset()
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:

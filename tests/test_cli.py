@@ -49,6 +49,10 @@ def test_validate_and_test_subcommands_from_checkpoint(tmp_path: Path) -> None:
     for sub in ("validate", "test"):
         cli = main([sub, *_tiny(tmp_path), "--ckpt_path", str(ckpt)])
         assert f"{sub if sub == 'test' else 'val'}/map_50" in cli.trainer.callback_metrics
+    cli = main(["predict", *_tiny(tmp_path), "--ckpt_path", str(ckpt)])
+    preds = [d for batch in cli.trainer.predict_loop.predictions for d in batch]
+    assert len(preds) == 4 and all(d["boxes"].shape[1] == 4 for d in preds)  # the 4 validation images
+    assert sorted(int(d["image_id"]) for d in preds) == sorted(cli.datamodule.test_set.base.image_ids)
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:

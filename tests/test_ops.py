@@ -95,3 +95,15 @@ def test_postprocess_matches_per_image_nms_reference() -> None:
         assert torch.equal(det["labels"], labels[keep])
         assert torch.allclose(det["boxes"], boxes[rows][keep])
         assert len(det["scores"]) == 50  # random logits leave many candidates: capped at max_det
+
+
+def test_assignment_with_iou_thresh_adds_every_anchor_above_it() -> None:
+    # Shape IoUs of a 30x30 box with the COCO anchors: (16,30) .533, (33,23) .712, (30,61) .49,
+    # (62,45) .323, the rest below .15. At 0.3: anchors 1, 2 of scale 0 at cell (12, 7) and
+    # anchors 0, 1 of scale 1 at cell (6, 3).
+    gt = _gt([[85, 45, 115, 75]])
+    b, r, g = assign(gt, ANCHORS, STRIDES, SHAPES, iou_thresh=0.3)
+    assert sorted(r.tolist()) == [1600 + 7 * 40 + 12, 3492, 4800 + 3 * 20 + 6, 4800 + 400 + 3 * 20 + 6]
+    assert g.tolist() == [0, 0, 0, 0] and b.tolist() == [0, 0, 0, 0]
+    b, r, g = assign(gt, ANCHORS, STRIDES, SHAPES, iou_thresh=0.9)  # only the best survives
+    assert r.tolist() == [3492]

@@ -129,7 +129,7 @@ class DetectionDataModule(L.LightningDataModule):
             self.train_set = self._split("train")
         if stage in ("fit", "validate", None) and self.val_set is None:
             self.val_set = self._split("val")
-        if stage in ("test", None) and self.test_set is None:
+        if stage in ("test", "predict", None) and self.test_set is None:
             self.test_set = self._split("test")
 
     def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
@@ -153,6 +153,10 @@ class DetectionDataModule(L.LightningDataModule):
         return self._loader(self.val_set, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """The test split (the validation split unless ``test_*`` are set), in order."""
         return self._loader(self.test_set, shuffle=False)
 
 

@@ -41,6 +41,9 @@ class YOLOLoss(nn.Module):
         box: box loss on the positives; ``DarknetBoxLoss(scale="2-wh")`` when None.
         ignore_thresh: negatives whose decoded box has IoU above this with any ground truth
             get no objectness loss (0.5 in darknet's default, 0.7 in yolov3.cfg).
+        assign_thresh: None for darknet's single best anchor per ground truth; a value makes
+            every anchor whose shape IoU exceeds it a positive too (AlexeyAB's ``iou_thresh``,
+            0.213 in yolov4.cfg): more positives per object, a different imbalance.
         normalize: the divisor Z of every component, see the module docstring.
         obj_weight, cls_weight, box_weight: component weights.
 
@@ -57,6 +60,7 @@ class YOLOLoss(nn.Module):
         classification: ClassificationLoss | None = None,
         box: BoxLoss | None = None,
         ignore_thresh: float = 0.5,
+        assign_thresh: float | None = None,
         normalize: Normalize = "batch",
         obj_weight: float = 1.0,
         cls_weight: float = 1.0,
@@ -70,7 +74,10 @@ class YOLOLoss(nn.Module):
         self.objectness = objectness if objectness is not None else BCEObjectness()
         self.classification = classification if classification is not None else BCE()
         self.box = box if box is not None else DarknetBoxLoss()
+        if assign_thresh is not None and not 0.0 < assign_thresh < 1.0:
+            raise ValueError(f"assign_thresh must be in (0, 1) or null, got {assign_thresh}")
         self.ignore_thresh = ignore_thresh
+        self.assign_thresh = assign_thresh
         self.normalize = normalize
         self.weights = (obj_weight, cls_weight, box_weight)
 
@@ -84,7 +91,7 @@ class YOLOLoss(nn.Module):
         boxes = decode(raw, cells, anchor_wh, steps)  # (B, N, 4) pixels
         in_size = boxes.new_tensor([shapes[0][1] * strides[0], shapes[0][0] * strides[0]]).repeat(2)
         gt = GroundTruth.from_targets(targets, raw.device)
-        b, r, g = assign(gt, anchors, strides, shapes)  # (P,) each
+        b, r, g = assign(gt, anchors, strides, shapes, self.assign_thresh)  # (P,) each
 
         with torch.no_grad():
             max_iou = batched_box_iou(boxes.detach(), gt.padded).amax(-1)  # (B, N)

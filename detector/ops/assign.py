@@ -2,8 +2,10 @@
 
 Each ground truth goes to the one anchor, among all S·A, whose (w, h) shape has the highest
 IoU with its own (both centred together), at the grid cell of that anchor's scale that holds
-the box centre. When two ground truths land on the same anchor and cell, the later one wins,
-as in darknet's loop. No Python loop over boxes or anchors.
+the box centre. With ``iou_thresh`` (AlexeyAB's darknet fork, ``iou_thresh=0.213`` in
+yolov4.cfg) every other anchor whose shape IoU exceeds it is a positive too. When two ground
+truths land on the same anchor and cell, the later one wins, as in darknet's loop. No Python
+loop over boxes or anchors.
 """
 
 from __future__ import annotations
@@ -44,22 +46,28 @@ class GroundTruth:
 
 
 def assign(
-    gt: GroundTruth, anchors: Tensor, strides: list[int], shapes: list[tuple[int, int]]
+    gt: GroundTruth, anchors: Tensor, strides: list[int], shapes: list[tuple[int, int]], iou_thresh: float | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Best-of-all-anchors assignment.
+    """Best-of-all-anchors assignment (plus, with ``iou_thresh``, every anchor above it).
 
     Args:
         gt: the batch's ground truths.
         anchors: ``[S, A, 2]`` anchor sizes in pixels, per scale.
         strides: stride of each scale. shapes: (H_s, W_s) of each scale's grid.
+        iou_thresh: also assign every anchor whose shape IoU with the ground truth exceeds this.
     Returns:
         ``(batch [P], row [P], gt_index [P])``: positive anchors as image index and row of the
         flat layout of :func:`detector.ops.boxes.anchor_grid`, and the ground truth each learns.
     """
-    s_n, a_n = anchors.shape[:2]
-    cxcy = (gt.boxes[:, :2] + gt.boxes[:, 2:]) / 2
-    best = wh_iou(gt.boxes[:, 2:] - gt.boxes[:, :2], anchors.view(-1, 2)).argmax(1)  # [G]
+    a_n = anchors.shape[1]
+    ious = wh_iou(gt.boxes[:, 2:] - gt.boxes[:, :2], anchors.view(-1, 2))  # (G, S·A)
+    chosen = torch.zeros_like(ious, dtype=torch.bool)
+    chosen[torch.arange(len(ious), device=ious.device), ious.argmax(1)] = True
+    if iou_thresh is not None:
+        chosen |= ious > iou_thresh
+    g_idx, best = chosen.nonzero(as_tuple=True)  # ordered by ground truth: later ones win below
     scale, anchor = best // a_n, best % a_n
+    cxcy = (gt.boxes[g_idx, :2] + gt.boxes[g_idx, 2:]) / 2
     dev = anchors.device
     hw = torch.tensor(shapes, device=dev)  # [S, 2] = (H, W)
     stride = torch.tensor(strides, device=dev, dtype=torch.float32)[scale]
@@ -70,8 +78,8 @@ def assign(
     row = offset[scale] + anchor * size[scale] + gj * hw[scale, 1] + gi
     n_rows = int((size * a_n).sum())
     # Collisions on one (image, row): the last ground truth wins, as darknet overwrites.
-    key = gt.batch * n_rows + row
+    key = gt.batch[g_idx] * n_rows + row
     uniq, inverse = torch.unique(key, return_inverse=True)
     idx = torch.arange(len(key), device=dev)
     winner = torch.full((len(uniq),), -1, device=dev, dtype=torch.long).scatter_reduce(0, inverse, idx, "amax")
-    return gt.batch[winner], row[winner], winner
+    return gt.batch[g_idx[winner]], row[winner], g_idx[winner]
