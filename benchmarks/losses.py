@@ -22,25 +22,16 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
-from jsonargparse import ArgumentParser
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import synthetic_targets, timeit  # noqa: E402
 from loss_references import ghmc_reference, isr_p_reference  # noqa: E402
 
-from detector.losses import BCE, GHMC, ISR, SampleInfo, YOLOLoss  # noqa: E402
+from detector.losses import BCE, GHMC, ISR, SampleInfo, YOLOLoss, load_recipe  # noqa: E402
 from detector.models import YOLOv3  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {"nano": 320, "yolov3": 416, "yolov3-tiny": 416}
-
-
-def load_recipe(path: Path) -> YOLOLoss:
-    parser = ArgumentParser()
-    parser.add_argument("--loss", type=YOLOLoss)
-    cfg = parser.parse_object({"loss": yaml.safe_load(path.read_text())["model"]["loss"]})
-    return parser.instantiate_classes(cfg).loss
 
 
 def bench_preset(preset: str, batch: int, objects: int, classes: int, repeat: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import lightning as L
 import torch
@@ -33,7 +34,9 @@ class DetectorModule(L.LightningModule):
         anchors: anchors per scale in pixels; the preset's when None.
         weights: optional local file of pretrained weights.
         loss: the YOLO loss with its pluggable parts; darknet's recipe when None.
-        lr, momentum, weight_decay: SGD (Nesterov); no weight decay on norm weights and biases.
+        optimizer: "sgd" (Nesterov momentum, darknet's and Ultralytics' choice) or "adamw"
+            (``momentum`` is then β1); no weight decay on norm weights and biases either way.
+        lr, momentum, weight_decay: optimizer settings.
         warmup_epochs: linear warm-up of the learning rate, then cosine decay to ``lr·min_lr_ratio``.
         conf_thresh, nms_iou, max_det: post-processing for evaluation (COCO: 0.001, 100 per image).
     """
@@ -45,6 +48,7 @@ class DetectorModule(L.LightningModule):
         anchors: list[list[tuple[float, float]]] | None = None,
         weights: str | None = None,
         loss: YOLOLoss | None = None,
+        optimizer: Literal["sgd", "adamw"] = "sgd",
         lr: float = 0.01,
         momentum: float = 0.937,
         weight_decay: float = 5e-4,
@@ -128,16 +132,15 @@ class DetectorModule(L.LightningModule):
         ]
 
     def configure_optimizers(self):  # noqa: ANN201 (Lightning's optimizer/scheduler dict)
-        """SGD with Nesterov momentum; weight decay on conv weights only; warm-up then cosine, per step."""
+        """SGD (Nesterov) or AdamW; weight decay on conv weights only; warm-up then cosine, per step."""
         decay = [p for p in self.parameters() if p.ndim > 1]
         no_decay = [p for p in self.parameters() if p.ndim <= 1]
         hp = self.hparams
-        opt = torch.optim.SGD(
-            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=hp.lr,
-            momentum=hp.momentum,
-            nesterov=True,
-        )
+        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if hp.optimizer == "sgd":
+            opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=True)
+        else:
+            opt = torch.optim.AdamW(groups, lr=hp.lr, betas=(hp.momentum, 0.999))
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
         warmup = max(int(hp.warmup_epochs * total / epochs), 1) if hp.warmup_epochs > 0 else 0

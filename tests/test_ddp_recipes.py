@@ -7,30 +7,20 @@ outputs equals ``world_size ×`` the single-process gradient on those outputs, s
 averaging gives exactly the single-process parameter gradients.
 """
 
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import yaml
-from jsonargparse import ArgumentParser
 
-from detector.losses import YOLOLoss
+from detector.losses import load_recipe
+from helpers import free_port
 
 WORLD = 2
 RECIPES = sorted(Path(__file__).resolve().parents[1].glob("configs/losses/*.yaml"))
 ANCHORS = torch.tensor([[(10, 13), (16, 30), (33, 23)], [(30, 61), (62, 45), (59, 119)], [(116, 90), (156, 198), (373, 326)]]) / 3.0
 STRIDES = [8, 16, 32]
-
-
-def build_loss(recipe: Path) -> YOLOLoss:
-    """Instantiate ``model.loss`` of a recipe file the way LightningCLI does (short class names included)."""
-    parser = ArgumentParser()
-    parser.add_argument("--loss", type=YOLOLoss)
-    cfg = parser.parse_object({"loss": yaml.safe_load(recipe.read_text())["model"]["loss"]})
-    return parser.instantiate_classes(cfg).loss
 
 
 def _batch(step: int) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
@@ -50,7 +40,7 @@ def _batch(step: int) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]
 def _run(images: slice) -> dict[str, dict[str, torch.Tensor]]:
     results = {}
     for recipe in RECIPES:
-        loss_fn = build_loss(recipe)
+        loss_fn = load_recipe(recipe)
         for step in range(2):  # GHM-C's second step uses the momentum of the first
             outs, targets = _batch(step)
             outs = [o[images].clone().requires_grad_() for o in outs]
@@ -72,21 +62,15 @@ def _worker(rank: int, port: int, path: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_every_recipe_file_builds() -> None:
     assert {r.stem for r in RECIPES} >= {"darknet", "paper", "focal", "ghm", "pisa", "softmax", "giou", "ciou"}
-    names = {r.stem: type(build_loss(r).objectness).__name__ for r in RECIPES}
+    names = {r.stem: type(load_recipe(r).objectness).__name__ for r in RECIPES}
     assert names["darknet"] == "MSEObjectness" and names["focal"] == "FocalLoss" and names["pisa"] == "ISR"
 
 
 @pytest.mark.timeout(300)
 def test_every_recipe_is_ddp_exact(tmp_path: Path) -> None:
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     parts = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     single = _run(slice(None))
     for key, ref in single.items():

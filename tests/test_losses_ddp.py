@@ -6,7 +6,6 @@ on the whole batch (so their mean times the world size does), and the gradients 
 process's rows must equal the corresponding rows of the single-process gradients.
 """
 
-import socket
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ import torch.multiprocessing as mp
 
 from detector.losses import BCE, CARL, GHMC, ISR, BoxSet, GIoULoss, SampleInfo
 from detector.ops.dist import all_reduce_sum
+from helpers import free_port
 
 WORLD = 2
 IMAGES, ROWS_PER_IMAGE = 4, 9  # rank 0 holds images 0-1, rank 1 images 2-3
@@ -86,15 +86,9 @@ def _worker(rank: int, port: int, path: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.timeout(120)
 def test_ddp_matches_single_process(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     parts = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     single = _losses(slice(None))
     for name in ("ghm0", "ghm1", "isr", "carl"):

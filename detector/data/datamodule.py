@@ -44,7 +44,6 @@ class TransformedDataset(Dataset):
         info = get_worker_info()
         key = (os.getpid(), info.id if info is not None else -1)
         if key != self._seeded_for:
-            cv2.setNumThreads(1)  # one thread per loader process: workers must not crowd the training threads
             self.transform.set_random_seed(torch.initial_seed() % 2**32)
             self._seeded_for = key
 
@@ -97,6 +96,9 @@ class DetectionDataModule(L.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         _check_args(image_size, batch_size, num_workers)
+        # Single-threaded OpenCV, set before any worker is forked: loader processes must not crowd the
+        # training threads, and a forked child of a process with a live cv2 thread pool can deadlock.
+        cv2.setNumThreads(1)
         root_path = Path(root)
         if embedded is not None:
             ensure_shapes(root_path, embedded)

@@ -30,10 +30,10 @@ import numpy as np
 
 SHAPES_CLASSES: tuple[str, ...] = ("circle", "rectangle", "triangle", "cross", "star")
 SHAPES_CATEGORY_IDS: tuple[int, ...] = (1, 2, 3, 5, 8)  # non-contiguous on purpose
-GENERATOR_VERSION = 1  # bump when the drawing code changes, so stored datasets regenerate
+GENERATOR_VERSION = 2  # bump when the drawing code changes, so stored datasets regenerate
 MAX_OBJECTS = 6  # objects per image: 0..MAX_OBJECTS
 EMPTY_FRACTION = 0.05  # share of images with no object at all
-MIN_OBJECT = 12.0  # smallest object extent in pixels
+MIN_OBJECT = 20.0  # smallest object extent in pixels (≥ 15 px after letterboxing to 320)
 MAX_OBJECT_FRACTION = 0.6  # largest object extent as a fraction of the shorter image side
 MAX_COVERED = 0.3  # a new box may cover at most this fraction of an earlier box
 MIN_CONTRAST = 90.0  # min RGB distance between an object colour and the background under it

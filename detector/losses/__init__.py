@@ -6,6 +6,7 @@ from .classification import BCE, FocalLoss, SoftmaxCrossEntropy
 from .ghm import GHMC
 from .objectness import BCEObjectness, MSEObjectness
 from .pisa import CARL, ISR
+from .recipe import load_recipe
 from .yolo_loss import YOLOLoss
 
 __all__ = [
@@ -26,4 +27,5 @@ __all__ = [
     "SampleInfo",
     "SoftmaxCrossEntropy",
     "YOLOLoss",
+    "load_recipe",
 ]

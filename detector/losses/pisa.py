@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import batched_nms
 
+from ..ops.boxes import batched_box_iou
 from ..ops.dist import all_gather_cat, all_reduce_sum
 from .base import BoxLoss, BoxSet, ClassificationLoss, SampleInfo
 
@@ -69,15 +70,6 @@ def _slots(groups: Tensor) -> tuple[Tensor, int]:
     return slot, int(slot.max()) + 1 if slot.numel() else 0
 
 
-def _pairwise_iou(a: Tensor, b: Tensor) -> Tensor:
-    """IoU of ``a [I, K, 4]`` with ``b [I, H, 4]`` (xyxy) per leading index -> ``[I, K, H]``."""
-    lt = torch.maximum(a[:, :, None, :2], b[:, None, :, :2])
-    rb = torch.minimum(a[:, :, None, 2:], b[:, None, :, 2:])
-    inter = (rb - lt).clamp(min=0).prod(-1)
-    area_a, area_b = (a[..., 2:] - a[..., :2]).prod(-1), (b[..., 2:] - b[..., :2]).prod(-1)
-    return inter / (area_a[:, :, None] + area_b[:, None, :] - inter)
-
-
 def nms_clusters(boxes: Tensor, scores: Tensor, image_ids: Tensor, iou_thresh: float) -> Tensor:
     """Greedy NMS cluster of each box: ``boxes [K, 4]`` xyxy, ``scores [K]``, ``image_ids [K]`` -> ``[K]``.
 
@@ -97,7 +89,7 @@ def nms_clusters(boxes: Tensor, scores: Tensor, image_ids: Tensor, iou_thresh: f
     score_pad = scores.new_zeros(n_img, k_max).index_put_((img, slot), scores)
     head_box = boxes.new_zeros(n_img, h_max, 4).index_put_((h_img, h_slot), boxes[heads])
     head_score = scores.new_full((n_img, h_max), -float("inf")).index_put_((h_img, h_slot), scores[heads])
-    member = _pairwise_iou(box_pad, head_box) > iou_thresh  # (I, K_max, H_max)
+    member = batched_box_iou(box_pad, head_box) > iou_thresh  # (I, K_max, H_max)
     member &= head_score[:, None, :] >= score_pad[:, :, None]  # padded heads (-inf) never match
     member[h_img, slot[heads], h_slot] = True  # a survivor heads its own cluster, even a degenerate box
     first = member.to(torch.uint8).argmax(-1)  # (I, K_max): first True = highest-scoring head
