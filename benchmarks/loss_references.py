@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def ghmc_reference(
+def ghmc_reference_weights(
     pred: Tensor,
     target: Tensor,
     label_weight: Tensor,
@@ -21,11 +21,10 @@ def ghmc_reference(
     bins: int = 30,
     momentum: float = 0.75,
 ) -> Tensor:
-    """GHM-C as in the GHM paper's code (arXiv 1811.05181), one bin at a time.
+    """GHM-C's weights as in the GHM paper's code (arXiv 1811.05181), one bin at a time.
 
     ``pred``, ``target``, ``label_weight`` ``[N, C]``; ``acc_sum [bins]`` the running counts,
-    updated in place when ``momentum > 0``. Returns the elementwise ``w · BCE`` ``[N, C]``
-    (0 where ``label_weight == 0``); ``.sum() / max(#valid, 1)`` is the paper's loss value.
+    updated in place when ``momentum > 0``. Returns ``w [N, C]`` (0 where ``label_weight == 0``).
     """
     edges = torch.arange(bins + 1).float() / bins
     edges[-1] += 1e-6
@@ -46,6 +45,20 @@ def ghmc_reference(
             n += 1
     if n > 0:
         weights = weights / n
+    return weights
+
+
+def ghmc_reference(
+    pred: Tensor,
+    target: Tensor,
+    label_weight: Tensor,
+    acc_sum: Tensor | None = None,
+    bins: int = 30,
+    momentum: float = 0.75,
+) -> Tensor:
+    """The elementwise GHM-C loss ``w · BCE`` ``[N, C]`` of the paper's code; ``.sum() / max(#valid, 1)``
+    is the paper's loss value."""
+    weights = ghmc_reference_weights(pred, target, label_weight, acc_sum, bins, momentum)
     return F.binary_cross_entropy_with_logits(pred, target, weights, reduction="none")
 
 

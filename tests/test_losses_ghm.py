@@ -144,3 +144,18 @@ def test_empty_input_and_bad_arguments():
         GHMC(momentum=1.0)
     with pytest.raises(ValueError, match="momentum"):
         GHMC(momentum=-0.1)
+
+
+@pytest.mark.parametrize("bins", [1, 7, 30, 100])
+def test_bin_index_is_floor_of_g_times_bins(bins: int) -> None:
+    # Bin b holds [b/M, (b+1)/M); g = 1 goes to the last bin; invalid elements to the extra slot M.
+    ghm = GHMC(bins)
+    g = torch.cat([torch.rand(10000), torch.tensor([0.0, 1.0, 0.5, 0.25])])
+    expected = torch.minimum((g * bins).floor().long(), torch.tensor(bins - 1))
+    assert torch.equal(ghm._bin_index(g.clone(), None), expected)
+    valid = torch.rand(g.shape) < 0.5
+    assert torch.equal(ghm._bin_index(g.clone(), valid), torch.where(valid, expected, bins))
+    # away from the edges this is the reference's table lookup (edges i/M, last one + 1e-6)
+    edges = torch.arange(bins + 1).float() / bins
+    edges[-1] += 1e-6
+    assert torch.equal(expected[:10000], torch.bucketize(g[:10000], edges[1:], right=True))

@@ -16,8 +16,8 @@ class GHMC(ClassificationLoss):
 
     Shapes: ``logits [N, C]``, ``targets [N, C]`` in [0, 1], ``weight [N, C] | None`` -> ``[N, C]``.
 
-    - ``g = |σ(x) − y|`` (detached) falls in one of M equal bins of [0, 1] (edges ``i/M``, the
-      last nudged up by 1e-6, so g = 1 lands in the last bin).
+    - ``g = |σ(x) − y|`` (detached) falls in one of M equal bins of [0, 1],
+      ``b = min(floor(g·M), M − 1)`` (the paper's edges ``i/M``, g = 1 in the last bin).
     - Only elements with ``weight > 0`` are counted; ``tot`` = their number, ``n`` = the number
       of non-empty bins, ``count_b`` the number in bin b. In DDP counts and ``tot`` are summed
       over all processes (one collective), so every process weights alike.
@@ -50,10 +50,16 @@ class GHMC(ClassificationLoss):
         self.register_buffer("acc", torch.zeros(self.bins))  # running bin counts, persistent
 
     def _bin_index(self, g: Tensor, valid: Tensor | None) -> Tensor:
-        """Bin ``b`` of each element (``edges[b] <= g < edges[b+1]``); ``M`` for invalid elements."""
+        """Bin ``b = min(floor(g·M), M − 1)`` of each element; ``M`` for invalid elements.
+
+        M equal bins of [0, 1], g = 1 in the last. The reference compares g with the float32 table
+        ``i/M``; the two differ only for a g within one rounding step of an edge. Two elementwise
+        passes instead of a binary search (``torch.bucketize``, ~4× slower on 13.6 M elements).
+        """
+        idx = (g * self.bins).long().clamp_(max=self.bins - 1)
         if valid is not None:
-            g = g.masked_fill_(~valid, 2.0)  # past the last edge (1 + 1e-6): bin M
-        return torch.bucketize(g, self.edges[1:].to(g.dtype), right=True)  # number of edges[1:] <= g
+            idx.masked_fill_(~valid, self.bins)
+        return idx
 
     @torch.no_grad()
     def harmonizing_weights(self, logits: Tensor, targets: Tensor, weight: Tensor | None) -> Tensor:

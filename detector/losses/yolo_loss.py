@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from ..ops import dist
 from ..ops.assign import GroundTruth, assign
 from ..ops.boxes import anchor_grid, batched_box_iou, decode, encode, flatten_outputs
+from ..ops.gather import head_and_classes
 from .base import BoxLoss, BoxSet, ClassificationLoss, SampleInfo
 from .box import DarknetBoxLoss
 from .classification import BCE
@@ -85,42 +86,43 @@ class YOLOLoss(nn.Module):
         self, outputs: list[Tensor], targets: list[dict[str, Tensor]], anchors: Tensor, strides: list[int]
     ) -> dict[str, Tensor]:
         shapes = [(o.shape[2], o.shape[3]) for o in outputs]
-        raw = flatten_outputs(outputs)  # (B, N, 5 + C)
-        b_n, n_rows, n_cls = raw.shape[0], raw.shape[1], raw.shape[2] - 5
-        cells, anchor_wh, steps = anchor_grid(shapes, anchors, strides)
-        boxes = decode(raw, cells, anchor_wh, steps)  # (B, N, 4) pixels
-        in_size = boxes.new_tensor([shapes[0][1] * strides[0], shapes[0][0] * strides[0]]).repeat(2)
-        gt = GroundTruth.from_targets(targets, raw.device)
+        b_n, n_cls = outputs[0].shape[0], outputs[0].shape[-1] - 5
+        gt = GroundTruth.from_targets(targets, outputs[0].device)
         b, r, g = assign(gt, anchors, strides, shapes, self.assign_thresh)  # (P,) each
+        # Box and objectness logits of every anchor, class logits of the positives only.
+        head, pos_cls = head_and_classes(outputs, r, b)  # (B, N, 5), (P, C)
+        n_rows = head.shape[1]
+        cells, anchor_wh, steps = anchor_grid(shapes, anchors, strides)
+        boxes = decode(head, cells, anchor_wh, steps)  # (B, N, 4) pixels
+        in_size = boxes.new_tensor([shapes[0][1] * strides[0], shapes[0][0] * strides[0]]).repeat(2)
 
         with torch.no_grad():
             max_iou = batched_box_iou(boxes.detach(), gt.padded).amax(-1)  # (B, N)
-            obj_w = (max_iou <= self.ignore_thresh).to(raw.dtype)
+            obj_w = (max_iou <= self.ignore_thresh).to(head.dtype)
             obj_w[b, r] = 1.0
             obj_t = torch.zeros_like(obj_w)
             obj_t[b, r] = 1.0
 
-        pos = raw[b, r]  # (P, 5 + C)
         t_boxes = gt.boxes[g]
-        pred = BoxSet(pos[:, :4], boxes[b, r] / in_size)
+        pred = BoxSet(head[b, r, :4], boxes[b, r] / in_size)
         target = BoxSet(encode(t_boxes, cells[r], anchor_wh[r], steps[r]), t_boxes / in_size)
-        cls_t = F.one_hot(gt.labels[g], n_cls).to(raw.dtype)
+        cls_t = F.one_hot(gt.labels[g], n_cls).to(head.dtype)
 
         obj_info = pos_info = None
         if self.objectness.needs_info or self.classification.needs_info or self.box.needs_info:
-            obj_info, pos_info = self._sample_info(raw, boxes / in_size, b, r, g, gt, pred, target)
-        l_obj = self.objectness(raw[..., 4].reshape(-1, 1), obj_t.view(-1, 1), obj_w.view(-1, 1), obj_info).sum()
-        l_cls = self.classification(pos[:, 5:], cls_t, None, pos_info).sum()
+            obj_info, pos_info = self._sample_info(outputs, pos_cls, boxes / in_size, b, r, g, gt, pred, target)
+        l_obj = self.objectness(head[..., 4].reshape(-1, 1), obj_t.view(-1, 1), obj_w.view(-1, 1), obj_info).sum()
+        l_cls = self.classification(pos_cls, cls_t, None, pos_info).sum()
         l_box = self.box(pred, target, None, pos_info).sum()
 
-        z = self._normaliser(len(b), b_n, n_rows, raw)
+        z = self._normaliser(len(b), b_n, n_rows, head)
         parts = [w * loss / z for w, loss in zip(self.weights, (l_obj, l_cls, l_box))]
         return {
             "loss": parts[0] + parts[1] + parts[2],
             "loss_obj": parts[0].detach(),
             "loss_cls": parts[1].detach(),
             "loss_box": parts[2].detach(),
-            "num_pos": torch.tensor(float(len(b)), device=raw.device),
+            "num_pos": torch.tensor(float(len(b)), device=head.device),
         }
 
     def _normaliser(self, n_pos: int, n_img: int, n_rows: int, ref: Tensor) -> Tensor:
@@ -131,16 +133,18 @@ class YOLOLoss(nn.Module):
 
     @staticmethod
     def _sample_info(
-        raw: Tensor, boxes: Tensor, b: Tensor, r: Tensor, g: Tensor, gt: GroundTruth, pred: BoxSet, target: BoxSet
-    ) -> tuple[SampleInfo, SampleInfo]:
+        outputs: list[Tensor], pos_cls: Tensor, boxes: Tensor, b: Tensor, r: Tensor, g: Tensor,
+        gt: GroundTruth, pred: BoxSet, target: BoxSet,
+    ) -> tuple[SampleInfo, SampleInfo]:  # fmt: skip
         """SampleInfo for every anchor (objectness rows) and for the positives (class and box rows).
 
         Ground-truth and image ids are offset by the process rank so that they stay unique across DDP.
         """
-        b_n, n_rows = raw.shape[:2]
+        b_n, n_rows = boxes.shape[:2]
         offset = dist.rank() << 32
         flat = b * n_rows + r
         with torch.no_grad():
+            raw = flatten_outputs([o.detach() for o in outputs])  # (B, N, 5 + C)
             ious = batched_box_iou(pred.xyxy.detach()[:, None], target.xyxy[:, None]).view(-1)
             labels = torch.full((b_n * n_rows,), -1, dtype=torch.long, device=raw.device)
             gt_ids, all_ious = labels.clone(), raw.new_zeros(b_n * n_rows)
@@ -148,6 +152,6 @@ class YOLOLoss(nn.Module):
             scores = (raw[..., 4:5].sigmoid() * raw[..., 5:].sigmoid()).amax(-1).reshape(-1)
             image_ids = torch.arange(b_n, device=raw.device).repeat_interleave(n_rows) + offset
         every = SampleInfo(labels, gt_ids, all_ious, boxes.detach().reshape(-1, 4), scores, image_ids)
-        cls_score = raw[b, r, 5:].sigmoid().gather(1, gt.labels[g, None]).squeeze(1)
+        cls_score = pos_cls.sigmoid().gather(1, gt.labels[g, None]).squeeze(1)
         positives = SampleInfo(labels[flat], gt_ids[flat], ious, every.boxes[flat], scores[flat], image_ids[flat], cls_score)
         return every, positives

@@ -68,15 +68,19 @@ def xyxy_to_cxcywh(boxes: Tensor) -> Tensor:
 def batched_box_iou(a: Tensor, b: Tensor) -> Tensor:
     """Pairwise IoU within each batch element: ``[B, N, 4] x [B, M, 4] -> [B, N, M]`` (xyxy).
 
-    The batched counterpart of ``torchvision.ops.box_iou``; an empty box gives IoU 0.
+    The batched counterpart of ``torchvision.ops.box_iou``; an empty box gives IoU 0. Computed
+    coordinate by coordinate in a ``[B, M, N]`` layout (N, the long side, innermost, so every
+    operation runs over contiguous memory) and returned as a transposed view.
     """
-    lt = torch.maximum(a[..., :, None, :2], b[..., None, :, :2])
-    rb = torch.minimum(a[..., :, None, 2:], b[..., None, :, 2:])
-    inter = (rb - lt).clamp(min=0).prod(-1)
-    area_a = (a[..., 2:] - a[..., :2]).clamp(min=0).prod(-1)
-    area_b = (b[..., 2:] - b[..., :2]).clamp(min=0).prod(-1)
-    union = area_a[..., :, None] + area_b[..., None, :] - inter
-    return inter / union.clamp(min=1e-9)
+    ax1, ay1, ax2, ay2 = (t.unsqueeze(-2) for t in a.unbind(-1))  # (B, 1, N) each
+    bx1, by1, bx2, by2 = (t.unsqueeze(-1) for t in b.unbind(-1))  # (B, M, 1) each
+    iw = (torch.minimum(ax2, bx2) - torch.maximum(ax1, bx1)).clamp_(min=0)
+    ih = (torch.minimum(ay2, by2) - torch.maximum(ay1, by1)).clamp_(min=0)
+    inter = iw.mul_(ih)  # (B, M, N)
+    area_a = (ax2 - ax1).clamp(min=0) * (ay2 - ay1).clamp(min=0)
+    area_b = (bx2 - bx1).clamp(min=0) * (by2 - by1).clamp(min=0)
+    union = (area_a + area_b).sub_(inter).clamp_(min=1e-9)
+    return inter.div_(union).transpose(-1, -2)
 
 
 def wh_iou(wh1: Tensor, wh2: Tensor) -> Tensor:
