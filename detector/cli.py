@@ -8,9 +8,15 @@ dotted overrides such as ``--trainer.max_epochs 3``.
 
 from __future__ import annotations
 
+import difflib
+import os
+import re
 import sys
 
+from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI
+
+from . import losses
 
 from .data import DetectionDataModule
 from .module import DetectorModule
@@ -24,6 +30,17 @@ class DetectorCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 (jsonargparse parser)
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
 
+    def parse_arguments(self, parser, args) -> None:  # noqa: ANN001 (jsonargparse types)
+        """Parse as LightningCLI does, but report a bad value in one line (jsonargparse's own
+        message nests every union it tried); the full message follows with ``DETECTOR_DEBUG=1``."""
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            print(f"error: {summarize_parse_error(str(err))}", file=sys.stderr)
+            if os.environ.get("DETECTOR_DEBUG"):
+                print(err, file=sys.stderr)
+            sys.exit(2)
+
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
@@ -36,6 +53,19 @@ class DetectorCLI(LightningCLI):
         ckpt = self.trainer.checkpoint_callback
         best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
         self.trainer.validate(self.model, datamodule=self.datamodule, ckpt_path=best, weights_only=False)
+
+
+def summarize_parse_error(message: str) -> str:
+    """One line from a jsonargparse error: the key, the rejected value and close known names."""
+    keys = re.findall(r'(?:Parser key|Key) "([^"]+)"', message)
+    values = re.findall(r"Given value: (.+)", message)
+    if not keys or not values:
+        return message.strip().splitlines()[0]
+    value = values[0].strip()
+    known = [*losses.__all__, "yolov3", "yolov3-tiny", "nano"]
+    close = difflib.get_close_matches(value.split(".")[-1], known, n=3)
+    hint = f"; did you mean {' or '.join(close)}?" if close else "; see --help for what it accepts"
+    return f"{'.'.join(keys)}: {value!r} is not valid{hint}"
 
 
 def main(args: list[str] | None = None) -> DetectorCLI:
@@ -52,5 +82,6 @@ def main(args: list[str] | None = None) -> DetectorCLI:
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
+        parser_kwargs={"exit_on_error": False},
         args=args,
     )

@@ -83,10 +83,10 @@ def test_annotation_file_that_is_not_coco(tmp_path: Path) -> None:
     assert "COCO" in proc.stderr.strip().splitlines()[-1]
 
 
-def test_misspelt_loss_class_is_reported_by_the_parser(tmp_path: Path) -> None:
+def test_misspelt_loss_class_is_one_line_with_a_suggestion(tmp_path: Path) -> None:
     proc = _run(*_tiny(tmp_path), "--model.loss.init_args.classification", "FocalLos")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "FocalLos" in proc.stderr
+    assert proc.stderr.strip().splitlines() == ["error: model.loss.classification: 'FocalLos' is not valid; did you mean FocalLoss?"]
 
 
 def test_print_config_resolves_layered_recipe(tmp_path: Path) -> None:
