@@ -98,7 +98,10 @@ class DetectorModule(L.LightningModule):
         preds, gts = [], []
         for det, t in zip(dets, targets):
             preds.append({**det, "boxes": unletterbox(det["boxes"], t["letterbox"], t["orig_size"])})
-            gts.append({"boxes": unletterbox(t["boxes"], t["letterbox"], t["orig_size"]), "labels": t["labels"]})
+            if "orig_boxes" in t:  # the annotation itself: exact, as COCO's own evaluation sees it
+                gts.append({"boxes": t["orig_boxes"], "labels": t["orig_labels"]})
+            else:
+                gts.append({"boxes": unletterbox(t["boxes"], t["letterbox"], t["orig_size"]), "labels": t["labels"]})
         metric.update(preds, gts)
 
     def _log_map(self, metric: MeanAveragePrecision, stage: str) -> None:

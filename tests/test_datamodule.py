@@ -126,7 +126,7 @@ def _check_batch(images, targets, dm, batch_size):
     assert len(targets) == images.shape[0] <= batch_size
     assert 0.0 <= images.min() and images.max() <= 1.0
     for t in targets:
-        assert set(t) == {"boxes", "labels", "image_id", "orig_size", "letterbox"}
+        assert set(t) == {"boxes", "labels", "image_id", "orig_size", "letterbox", "orig_boxes", "orig_labels"}
         n = len(t["labels"])
         assert t["boxes"].dtype == torch.float32 and t["boxes"].shape == (n, 4)
         assert t["labels"].dtype == torch.int64 and ((t["labels"] >= 0) & (t["labels"] < dm.num_classes)).all()
@@ -162,6 +162,8 @@ def test_datamodule_yields_the_contract(shapes_root, num_workers):
             back = unletterbox(t["boxes"], t["letterbox"], t["orig_size"])
             assert torch.allclose(back, torch.from_numpy(raw["boxes"]), atol=0.5 / float(t["letterbox"][0]) + 1e-3)
             assert t["labels"].tolist() == raw["labels"].tolist()
+            assert torch.equal(t["orig_boxes"], torch.from_numpy(raw["boxes"]))  # exact, for evaluation
+            assert torch.equal(t["orig_labels"], torch.from_numpy(raw["labels"]))
     assert ids == val.image_ids  # ordered
 
 

@@ -58,6 +58,8 @@ class TransformedDataset(Dataset):
             "image_id": torch.tensor(sample["image_id"], dtype=torch.int64),
             "orig_size": torch.tensor([h, w], dtype=torch.int64),
             "letterbox": torch.tensor(letterbox_params((h, w), self.size), dtype=torch.float32),
+            "orig_boxes": torch.from_numpy(sample["boxes"]),  # (M, 4) original pixels, for evaluation
+            "orig_labels": torch.from_numpy(sample["labels"]),  # (M,)
         }
         # numpy transpose: torch's parallel uint8 permute stalls behind cv2's thread pool (~6 ms/image)
         return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), target  # (3, S, S) uint8
