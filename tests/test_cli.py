@@ -1,5 +1,6 @@
 """End to end through the real CLI and the real default config, with tiny limits."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -49,10 +50,15 @@ def test_validate_and_test_subcommands_from_checkpoint(tmp_path: Path) -> None:
     for sub in ("validate", "test"):
         cli = main([sub, *_tiny(tmp_path), "--ckpt_path", str(ckpt)])
         assert f"{sub if sub == 'test' else 'val'}/map_50" in cli.trainer.callback_metrics
-    cli = main(["predict", *_tiny(tmp_path), "--ckpt_path", str(ckpt)])
+    out = tmp_path / "preds.json"
+    cli = main(["predict", *_tiny(tmp_path), "--config", str(ROOT / "configs" / "predict_coco.yaml"),
+                "--trainer.callbacks.init_args.output", str(out), "--ckpt_path", str(ckpt)])  # fmt: skip
     preds = [d for batch in cli.trainer.predict_loop.predictions for d in batch]
     assert len(preds) == 4 and all(d["boxes"].shape[1] == 4 for d in preds)  # the 4 validation images
     assert sorted(int(d["image_id"]) for d in preds) == sorted(cli.datamodule.test_set.base.image_ids)
+    written = json.loads(out.read_text())
+    assert len(written) == sum(len(d["scores"]) for d in preds)
+    assert {r["category_id"] for r in written} <= {1, 2, 3, 5, 8}  # the shapes dataset's own ids
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:

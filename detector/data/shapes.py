@@ -18,6 +18,7 @@ byte-identical JSON and identical pixels, and growing ``num_train`` keeps earlie
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -97,10 +98,8 @@ def _install(tmp: Path, root: Path, wanted: dict) -> None:
     """Atomically move ``tmp`` to ``root``; a stale ``root`` is moved aside first."""
     if root.exists() and _read_stored(root) != wanted:
         trash = root.parent / f".{root.name}.old-{uuid.uuid4().hex[:8]}"
-        try:
+        with contextlib.suppress(FileNotFoundError):  # another process moved it first
             os.rename(root, trash)
-        except FileNotFoundError:  # another process moved it first
-            pass
         shutil.rmtree(trash, ignore_errors=True)
     try:
         os.rename(tmp, root)
