@@ -34,11 +34,12 @@ class GroundTruth:
     @classmethod
     def from_targets(cls, targets: list[dict[str, Tensor]], device: torch.device) -> GroundTruth:
         """Gather the ``boxes``/``labels`` of the DESIGN.md target dicts."""
-        counts = torch.tensor([len(t["boxes"]) for t in targets], device=device)
+        sizes = [len(t["boxes"]) for t in targets]  # host-side: no device sync
+        counts = torch.tensor(sizes, device=device)
         boxes = torch.cat([t["boxes"] for t in targets]).to(device, torch.float32).reshape(-1, 4)
         labels = torch.cat([t["labels"] for t in targets]).to(device, torch.long).reshape(-1)
         batch = torch.repeat_interleave(torch.arange(len(targets), device=device), counts)
-        padded = boxes.new_zeros(len(targets), max(int(counts.max()) if len(targets) else 0, 1), 4)
+        padded = boxes.new_zeros(len(targets), max(sizes, default=1) or 1, 4)
         if len(boxes):
             slot = torch.arange(len(boxes), device=device) - (torch.cumsum(counts, 0) - counts)[batch]
             padded[batch, slot] = boxes
@@ -76,7 +77,7 @@ def assign(
     gi = (cxcy[:, 0] / stride).long().clamp(min=0).minimum(hw[scale, 1] - 1)
     gj = (cxcy[:, 1] / stride).long().clamp(min=0).minimum(hw[scale, 0] - 1)
     row = offset[scale] + anchor * size[scale] + gj * hw[scale, 1] + gi
-    n_rows = int((size * a_n).sum())
+    n_rows = a_n * sum(h * w for h, w in shapes)  # host-side: no device sync
     # Collisions on one (image, row): the last ground truth wins, as darknet overwrites.
     key = gt.batch[g_idx] * n_rows + row
     uniq, inverse = torch.unique(key, return_inverse=True)
