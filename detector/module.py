@@ -7,9 +7,11 @@ from typing import Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torchmetrics.detection import MeanAveragePrecision
 
+from .anchors import best_possible_recall, dataset_wh
 from .losses.yolo_loss import YOLOLoss
 from .models import YOLOv3
 from .ops.boxes import unletterbox
@@ -81,6 +83,22 @@ class DetectorModule(L.LightningModule):
             outputs, self.model.anchors, self.model.strides, self.hparams.conf_thresh, self.hparams.nms_iou, self.hparams.max_det
         )
         return outputs, dets
+
+    def on_fit_start(self) -> None:
+        """Warn when the anchors fit the training boxes badly (best possible recall < 0.98)."""
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is None or not hasattr(dm, "_train_base"):
+            return
+        try:
+            wh = dataset_wh(dm)
+        except ValueError:  # no boxes: nothing to check
+            return
+        bpr = best_possible_recall(wh, self.model.anchors.view(-1, 2).cpu())
+        if bpr < 0.98:
+            rank_zero_warn(
+                f"the anchors reach a best possible recall of only {bpr:.3f} on the training boxes; "
+                "compute anchors for this data with: python -m detector.anchors --config <your configs>"
+            )
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         images, targets = batch

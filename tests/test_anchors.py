@@ -23,3 +23,18 @@ def test_command_on_the_embedded_dataset(tmp_path, capsys) -> None:
     out = capsys.readouterr().out
     assert anchors.shape == (6, 2) and (anchors[1:].prod(1) >= anchors[:-1].prod(1)).all()
     assert "best possible recall" in out and "anchors: [[" in out
+
+
+def test_training_warns_when_anchors_fit_badly(tmp_path) -> None:
+    import lightning as L
+    import pytest
+
+    from detector.data import DetectionDataModule, ShapesConfig
+    from detector.module import DetectorModule
+
+    dm = DetectionDataModule(root=str(tmp_path / "shapes"), embedded=ShapesConfig(num_train=8, num_val=2), num_workers=0, image_size=128)
+    far = [[(900, 900)] * 3] * 3  # every anchor far larger than any box
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0)  # fmt: skip
+    with pytest.warns(UserWarning, match="best possible recall of only 0.000"):
+        trainer.fit(DetectorModule(dm.class_names, anchors=far), datamodule=dm)
