@@ -108,9 +108,9 @@ class YOLOLoss(nn.Module):
         target = BoxSet(encode(t_boxes, cells[r], anchor_wh[r], steps[r]), t_boxes / in_size)
         cls_t = F.one_hot(gt.labels[g], n_cls).to(head.dtype)
 
-        obj_info = pos_info = None
-        if self.objectness.needs_info or self.classification.needs_info or self.box.needs_info:
-            obj_info, pos_info = self._sample_info(outputs, pos_cls, boxes / in_size, b, r, g, gt, pred, target)
+        needs_pos = self.classification.needs_info or self.box.needs_info or self.objectness.needs_info
+        pos_info = self._positive_info(head, pos_cls, b, r, g, gt, pred, target) if needs_pos else None
+        obj_info = self._anchor_info(outputs, boxes / in_size, b, r, pos_info) if self.objectness.needs_info else None
         l_obj = self.objectness(head[..., 4].reshape(-1, 1), obj_t.view(-1, 1), obj_w.view(-1, 1), obj_info).sum()
         l_cls = self.classification(pos_cls, cls_t, None, pos_info).sum()
         l_box = self.box(pred, target, None, pos_info).sum()
@@ -132,26 +132,29 @@ class YOLOLoss(nn.Module):
         return total.clamp(min=1.0) / dist.world_size()
 
     @staticmethod
-    def _sample_info(
-        outputs: list[Tensor], pos_cls: Tensor, boxes: Tensor, b: Tensor, r: Tensor, g: Tensor,
-        gt: GroundTruth, pred: BoxSet, target: BoxSet,
-    ) -> tuple[SampleInfo, SampleInfo]:  # fmt: skip
-        """SampleInfo for every anchor (objectness rows) and for the positives (class and box rows).
-
-        Ground-truth and image ids are offset by the process rank so that they stay unique across DDP.
-        """
-        b_n, n_rows = boxes.shape[:2]
+    def _positive_info(
+        head: Tensor, pos_cls: Tensor, b: Tensor, r: Tensor, g: Tensor, gt: GroundTruth, pred: BoxSet, target: BoxSet
+    ) -> SampleInfo:
+        """SampleInfo of the positives (class and box rows); ids offset by the process rank so that
+        they stay unique across DDP."""
         offset = dist.rank() << 32
+        labels = gt.labels[g]
+        with torch.no_grad():
+            ious = batched_box_iou(pred.xyxy.detach()[:, None], target.xyxy[:, None]).view(-1)
+            scores = (head[b, r, 4:5].sigmoid() * pos_cls.sigmoid()).amax(-1)
+        cls_score = pos_cls.sigmoid().gather(1, labels[:, None]).squeeze(1)
+        return SampleInfo(labels, g + offset, ious, pred.xyxy.detach(), scores, b + offset, cls_score)
+
+    @staticmethod
+    def _anchor_info(outputs: list[Tensor], boxes: Tensor, b: Tensor, r: Tensor, pos: SampleInfo) -> SampleInfo:
+        """SampleInfo of every anchor (the objectness rows), the positives' fields scattered in."""
+        b_n, n_rows = boxes.shape[:2]
         flat = b * n_rows + r
         with torch.no_grad():
             raw = flatten_outputs([o.detach() for o in outputs])  # (B, N, 5 + C)
-            ious = batched_box_iou(pred.xyxy.detach()[:, None], target.xyxy[:, None]).view(-1)
             labels = torch.full((b_n * n_rows,), -1, dtype=torch.long, device=raw.device)
-            gt_ids, all_ious = labels.clone(), raw.new_zeros(b_n * n_rows)
-            labels[flat], gt_ids[flat], all_ious[flat] = gt.labels[g], g + offset, ious
+            gt_ids, ious = labels.clone(), raw.new_zeros(b_n * n_rows)
+            labels[flat], gt_ids[flat], ious[flat] = pos.labels, pos.gt_ids, pos.ious
             scores = (raw[..., 4:5].sigmoid() * raw[..., 5:].sigmoid()).amax(-1).reshape(-1)
-            image_ids = torch.arange(b_n, device=raw.device).repeat_interleave(n_rows) + offset
-        every = SampleInfo(labels, gt_ids, all_ious, boxes.detach().reshape(-1, 4), scores, image_ids)
-        cls_score = pos_cls.sigmoid().gather(1, gt.labels[g, None]).squeeze(1)
-        positives = SampleInfo(labels[flat], gt_ids[flat], ious, every.boxes[flat], scores[flat], image_ids[flat], cls_score)
-        return every, positives
+            image_ids = torch.arange(b_n, device=raw.device).repeat_interleave(n_rows) + (dist.rank() << 32)
+        return SampleInfo(labels, gt_ids, ious, boxes.detach().reshape(-1, 4), scores, image_ids)
