@@ -47,15 +47,11 @@ def best_possible_recall(wh: Tensor, anchors: Tensor, iou_thresh: float = 0.25) 
 
 
 def dataset_wh(datamodule) -> Tensor:  # noqa: ANN001 (a DetectionDataModule)
-    """Training box sizes ``[N, 2]`` in input pixels, after letterboxing to ``datamodule.image_size``."""
-    base = datamodule._train_base
-    sizes = []
-    for boxes, (h, w) in zip(base._boxes, base.sizes):
-        if len(boxes) and h and w:
-            sizes.append(torch.from_numpy(boxes[:, 2:] - boxes[:, :2]) * (datamodule.image_size / max(h, w)))
-    if not sizes:
+    """Training box sizes ``[N, 2]`` in input pixels (``datamodule.train_box_sizes()``); an error when none."""
+    wh = datamodule.train_box_sizes()
+    if not len(wh):
         raise ValueError("the training annotations hold no boxes (with image sizes) to cluster")
-    return torch.cat(sizes)
+    return wh
 
 
 def main(argv: list[str] | None = None) -> Tensor:

@@ -87,7 +87,7 @@ class DetectorModule(L.LightningModule):
     def on_fit_start(self) -> None:
         """Warn when the anchors fit the training boxes badly (best possible recall < 0.98)."""
         dm = getattr(self.trainer, "datamodule", None)
-        if dm is None or not hasattr(dm, "_train_base"):
+        if dm is None or not hasattr(dm, "train_box_sizes"):
             return
         try:
             wh = dataset_wh(dm)

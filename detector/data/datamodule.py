@@ -121,6 +121,19 @@ class DetectionDataModule(L.LightningDataModule):
         self.val_set: TransformedDataset | None = None
         self.test_set: TransformedDataset | None = None
 
+    def train_box_sizes(self) -> torch.Tensor:
+        """Training box sizes ``[N, 2]`` (w, h) in input pixels, each image letterboxed to ``image_size``.
+
+        Read from the annotations (no image is decoded), e.g. for anchor statistics.
+        """
+        base = self._train_base
+        sizes = [
+            torch.from_numpy(base._boxes[i][:, 2:] - base._boxes[i][:, :2]) * (self.image_size / max(h, w))
+            for i, (h, w) in enumerate(base.sizes)
+            if h and w
+        ]
+        return torch.cat(sizes) if sizes else torch.zeros(0, 2)
+
     def _split(self, split: str) -> TransformedDataset:
         size = self.image_size
         if split == "train":
