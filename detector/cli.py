@@ -19,6 +19,7 @@ from lightning.pytorch.cli import LightningCLI
 from . import losses
 
 from .data import DetectionDataModule
+from .models import PRESETS
 from .module import DetectorModule
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -62,7 +63,7 @@ def summarize_parse_error(message: str) -> str:
     if not keys or not values:
         return message.strip().splitlines()[0]
     value = values[0].strip()
-    known = [*losses.__all__, "yolov3", "yolov3-tiny", "nano"]
+    known = [*losses.__all__, *PRESETS]
     close = difflib.get_close_matches(value.split(".")[-1], known, n=3)
     hint = f"; did you mean {' or '.join(close)}?" if close else "; see --help for what it accepts"
     return f"{'.'.join(keys)}: {value!r} is not valid{hint}"
