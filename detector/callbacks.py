@@ -49,8 +49,9 @@ class CocoPredictionWriter(BasePredictionWriter):
                 cats = [category_ids[k] for k in labels] if category_ids else labels
                 for box, cat, score in zip(xywh.tolist(), cats, det["scores"].tolist()):
                     results.append({"image_id": int(det["image_id"]), "category_id": int(cat), "bbox": box, "score": score})
-        if trainer.world_size > 1:  # every process wrote its share of the images
-            self.output = self.output.with_suffix(f".rank{trainer.global_rank}.json")
-        self.output.parent.mkdir(parents=True, exist_ok=True)
-        self.output.write_text(json.dumps(results))
-        rank_zero_info(f"{len(results)} detections written to {self.output}")
+        output = self.output  # under DDP every process writes its share of the images to its own file
+        if trainer.world_size > 1:
+            output = output.with_suffix(f".rank{trainer.global_rank}.json")
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(results))
+        rank_zero_info(f"{len(results)} detections written to {output}")
