@@ -15,6 +15,7 @@ from .anchors import best_possible_recall, dataset_wh
 from .losses.yolo_loss import YOLOLoss
 from .models import YOLOv3
 from .ops.boxes import unletterbox
+from .ops.dist import local_only
 from .ops.postprocess import postprocess
 
 Batch = tuple[Tensor, list[dict[str, Tensor]]]
@@ -111,7 +112,8 @@ class DetectorModule(L.LightningModule):
     def _eval_step(self, batch: Batch, metric: MeanAveragePrecision, stage: str) -> None:
         images, targets = batch
         outputs, dets = self.detect(images)
-        losses = self.criterion(outputs, targets, self.model.anchors, self.model.strides)
+        with local_only():  # ranks may run different numbers of eval batches: no collectives here
+            losses = self.criterion(outputs, targets, self.model.anchors, self.model.strides)
         self.log(f"{stage}/loss", losses["loss"], on_epoch=True, sync_dist=True, batch_size=len(images))
         preds, gts = [], []
         for det, t in zip(dets, targets):

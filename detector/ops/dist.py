@@ -7,14 +7,34 @@ None of them carries gradient: they move normalisers, counts and ranking keys on
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+_local_only = False
+
 
 def is_distributed() -> bool:
-    """True inside an initialised process group with more than one process."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    """True inside an initialised process group with more than one process (and outside :func:`local_only`)."""
+    return not _local_only and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@contextmanager
+def local_only() -> Iterator[None]:
+    """Within this block every helper acts as in a single process: no collective is issued.
+
+    Evaluation computes its loss inside it: under DDP ranks may hold different numbers of
+    validation batches (no padding, no duplicated images), so a collective there would hang.
+    """
+    global _local_only
+    previous, _local_only = _local_only, True
+    try:
+        yield
+    finally:
+        _local_only = previous
 
 
 def world_size() -> int:

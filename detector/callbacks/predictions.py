@@ -1,4 +1,4 @@
-"""Callbacks used by the configs."""
+"""``predict`` output writers."""
 
 from __future__ import annotations
 
@@ -8,17 +8,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
-from lightning.pytorch.callbacks import LearningRateMonitor as _LearningRateMonitor
 from lightning.pytorch.utilities import rank_zero_info
-
-
-class LearningRateMonitor(_LearningRateMonitor):
-    """Lightning's ``LearningRateMonitor`` that stands aside when the run has no logger
-    (``--trainer.logger false``) instead of stopping the run."""
-
-    def on_train_start(self, trainer: L.Trainer, *args: object, **kwargs: object) -> None:
-        if trainer.loggers:
-            super().on_train_start(trainer, *args, **kwargs)
 
 
 class CocoPredictionWriter(BasePredictionWriter):
