@@ -69,6 +69,16 @@ def summarize_parse_error(message: str) -> str:
     return f"{'.'.join(keys)}: {value!r} is not valid{hint}"
 
 
+def cli_kwargs() -> dict:
+    """The keyword arguments ``main`` gives ``DetectorCLI`` (tests build the same CLI with ``run=False``)."""
+    return {
+        "seed_everything_default": 0,
+        "save_config_kwargs": {"overwrite": True},
+        "auto_configure_optimizers": False,
+        "parser_kwargs": {"exit_on_error": False},
+    }
+
+
 def main(args: list[str] | None = None) -> DetectorCLI:
     """Run the CLI on ``args`` (``sys.argv[1:]`` when None); ``fit`` when no subcommand is given."""
     argv = sys.argv[1:] if args is None else args
@@ -77,12 +87,4 @@ def main(args: list[str] | None = None) -> DetectorCLI:
             sys.argv.insert(1, "fit")
         else:
             args = ["fit", *args]
-    return DetectorCLI(
-        DetectorModule,
-        DetectionDataModule,
-        seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
-        parser_kwargs={"exit_on_error": False},
-        args=args,
-    )
+    return DetectorCLI(DetectorModule, DetectionDataModule, args=args, **cli_kwargs())
