@@ -17,6 +17,7 @@ import json
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Literal
 
 import matplotlib
 
@@ -76,7 +77,7 @@ def log_summary(results: dict[str, dict[str, float]], group: str, save_dir: str,
     """One more W&B run in the group with the table and the plot (offline unless online is possible)."""
     import wandb
 
-    mode = "online" if wandb_can_go_online() else "offline"
+    mode: Literal["online", "offline"] = "online" if wandb_can_go_online() else "offline"
     run = wandb.init(project="detector", group=group, name="summary", job_type="ablation", dir=save_dir, mode=mode)
     table = wandb.Table(columns=["recipe", "val/map", "val/map_50", "minutes"])
     for name, r in results.items():

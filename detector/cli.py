@@ -52,7 +52,7 @@ class DetectorCLI(LightningCLI):
     def after_fit(self) -> None:
         """Validate the best checkpoint (the last weights when none was saved) and print the table."""
         ckpt = self.trainer.checkpoint_callback
-        best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
+        best = getattr(ckpt, "best_model_path", None) or None  # ModelCheckpoint's; None: the last weights
         self.trainer.validate(self.model, datamodule=self.datamodule, ckpt_path=best, weights_only=False)
 
 

@@ -112,7 +112,8 @@ def _generate(out: Path, cfg: ShapesConfig) -> None:
     (out / "annotations").mkdir(parents=True)
     for split_index, (split, count) in enumerate((("train", cfg.num_train), ("val", cfg.num_val))):
         (out / split).mkdir()
-        images, annotations = [], []
+        images: list[dict] = []
+        annotations: list[dict] = []
         for i in range(count):
             rng = np.random.default_rng([cfg.seed, split_index, i])
             image, objects = draw_image(rng, cfg.min_size, cfg.max_size)
@@ -141,7 +142,8 @@ def draw_image(rng: np.random.Generator, min_size: int, max_size: int) -> tuple[
     h, w = (int(v) for v in rng.integers(min_size, max_size + 1, size=2))
     image = _background(rng, h, w)
     n = 0 if rng.random() < EMPTY_FRACTION else int(rng.integers(1, MAX_OBJECTS + 1))
-    objects, boxes = [], []
+    objects: list[tuple[int, list[float], float]] = []
+    boxes: list[list[float]] = []
     for _ in range(n):
         label = int(rng.integers(len(SHAPES_CLASSES)))
         placed = _place(rng, _shape_points(rng, label, h, w), boxes, h, w)
@@ -194,9 +196,9 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
         axes = (int(rng.integers(lo_w // 10 + 1, lo_w // 3)), int(rng.integers(lo_h // 10 + 1, lo_h // 3)))
         cv2.ellipse(blobs, centre, axes, 0, 0, 360, rng.uniform(0, 255, 3).tolist(), -1)
         cv2.ellipse(alpha, centre, axes, 0, 0, 360, 0.45, -1)
-    blobs = cv2.resize(cv2.GaussianBlur(blobs, (0, 0), sigmaX=lo_w / 20), (w, h))
-    alpha = cv2.resize(cv2.GaussianBlur(alpha, (0, 0), sigmaX=lo_w / 20), (w, h))[..., None]
-    image = image * (1 - alpha) + blobs * alpha
+    big_blobs = cv2.resize(cv2.GaussianBlur(blobs, (0, 0), sigmaX=lo_w / 20), (w, h))
+    big_alpha = cv2.resize(cv2.GaussianBlur(alpha, (0, 0), sigmaX=lo_w / 20), (w, h))[..., None]
+    image = image * (1 - big_alpha) + big_blobs * big_alpha
     for _ in range(int(rng.integers(2, 8))):
         p0 = (int(rng.integers(w)), int(rng.integers(h)))
         p1 = (int(rng.integers(w)), int(rng.integers(h)))

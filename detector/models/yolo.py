@@ -7,6 +7,8 @@ deep (stride 32): ``[B, A, H/s, W/s, 5 + C]`` = (tx, ty, tw, th, objectness, cla
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +38,7 @@ class Preset:
     depths: tuple[int, ...] | None
     mids: tuple[int, ...]
     set_layers: tuple[int, ...]
-    anchors: list[list[tuple[int, int]]]
+    anchors: Sequence[Sequence[tuple[float, float]]]
 
 
 PRESETS: dict[str, Preset] = {
@@ -80,14 +82,16 @@ class YOLOv3(nn.Module):
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         spec = PRESETS[preset]
-        anchors = anchors if anchors is not None else spec.anchors
+        anchors = [list(a) for a in (anchors if anchors is not None else spec.anchors)]
         if len(anchors) != len(spec.mids) or len({len(a) for a in anchors}) != 1:
             raise ValueError(f"preset {preset!r} needs {len(spec.mids)} scales with the same number of anchors each, got {anchors}")
         self.num_classes = num_classes
         self.num_anchors = len(anchors[0])
         self.strides = [8, 16, 32][-len(spec.mids) :]
         self.register_buffer("anchors", torch.tensor(anchors, dtype=torch.float32))  # [S, A, 2] pixels
-        self.backbone = Darknet53(spec.widths, spec.depths) if spec.widths else TinyDarknet()
+        self.backbone: nn.Module = (
+            Darknet53(spec.widths, spec.depths) if spec.widths and spec.depths else TinyDarknet()
+        )
         chans, mids = self.backbone.out_channels, spec.mids
         n_out = self.num_anchors * (5 + num_classes)
         self.sets, self.heads, self.routes = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
@@ -105,7 +109,7 @@ class YOLOv3(nn.Module):
     def _init_bias(self, image_size: int = 416) -> None:
         """Prior biases (as in RetinaNet, arXiv 1708.02002 §4.1): ~8 objects per image per scale, uniform classes."""
         for head, stride in zip(self.heads, reversed(self.strides)):
-            bias = head[-1].bias.view(self.num_anchors, -1)
+            bias = head[-1].bias.view(self.num_anchors, -1)  # type: ignore[index]  # heads are Sequentials
             with torch.no_grad():
                 bias[:, 4] = math.log(8 / (image_size / stride) ** 2)
                 bias[:, 5:] = math.log(0.6 / max(self.num_classes - 0.99, 1e-3))
