@@ -1,4 +1,4 @@
-"""CocoDetection: category mapping, crowd handling, sample contract, clear errors."""
+"""CocoDetection: category mapping, crowd handling, sample contract, counted skips, clear errors."""
 
 from __future__ import annotations
 
@@ -37,8 +37,16 @@ COCO = {
 }
 
 
+def _open(tmp_path, coco=COCO, **kwargs) -> CocoDetection:
+    """COCO above has a zero-width box (annotation 4): one warning with the counts."""
+    with pytest.warns(UserWarning, match="box_empty=1") as record:
+        ds = CocoDetection(*_write(tmp_path, coco), **kwargs)
+    assert len(record) == 1
+    return ds
+
+
 def test_non_contiguous_ids_map_to_sorted_labels(tmp_path):
-    ds = CocoDetection(*_write(tmp_path, COCO))
+    ds = _open(tmp_path)
     assert ds.category_ids == [3, 7, 11] and ds.class_names == ["a", "b", "c"] and ds.num_classes == 3
     assert len(ds) == 2
     s = ds[0]
@@ -47,10 +55,15 @@ def test_non_contiguous_ids_map_to_sorted_labels(tmp_path):
     # crowd (id 3) and the zero-width box (id 4) are skipped; box 2 is clipped to the 40x30 image
     np.testing.assert_allclose(s["boxes"], [[1, 2, 11, 7], [30, 20, 40, 30]])
     np.testing.assert_array_equal(s["labels"], [1, 2])
+    # the per-image arrays, read without decoding; sizes from the image headers
+    assert ds.sizes == [(30, 40), (50, 20)] and ds.file_names == ["a.jpg", "b.png"]
+    np.testing.assert_array_equal(ds.boxes[0], s["boxes"])
+    assert ds._boxes is ds.boxes and ds._labels is ds.labels
+    assert ds.report.counts == {"crowd": 1, "box_empty": 1, "box_clipped": 1, "no_boxes": 1}
 
 
 def test_images_are_rgb_and_empty_images_have_shaped_arrays(tmp_path):
-    ds = CocoDetection(*_write(tmp_path, COCO))
+    ds = _open(tmp_path)
     r, g, b = (int(v) for v in ds[0]["image"][0, 0])  # written as BGR red, lossy jpeg
     assert r > 240 and g < 15 and b < 15
     s = ds[1]
@@ -59,7 +72,7 @@ def test_images_are_rgb_and_empty_images_have_shaped_arrays(tmp_path):
 
 
 def test_forced_mapping_keeps_training_labels(tmp_path):
-    ds = CocoDetection(*_write(tmp_path, COCO), category_ids=[11, 7, 3, 99])
+    ds = _open(tmp_path, category_ids=[11, 7, 3, 99])
     assert ds.class_names == ["c", "b", "a", "99"]
     np.testing.assert_array_equal(ds[0]["labels"], [1, 0])
     with pytest.raises(ValueError, match=r"category ids \[3\] that the training categories"):
@@ -89,14 +102,33 @@ def test_json_without_coco_keys(tmp_path, content):
         CocoDetection(*_write(tmp_path, content))
 
 
-def test_missing_image_file_names_the_file(tmp_path):
+def test_missing_image_file_is_skipped_and_named(tmp_path):
     coco = {**COCO, "images": COCO["images"] + [{"id": 30, "file_name": "gone.jpg", "width": 5, "height": 5}]}
-    ds = CocoDetection(*_write(tmp_path, coco))
-    with pytest.raises(FileNotFoundError, match="image not found or unreadable: .*gone.jpg"):
-        ds[2]
+    with pytest.warns(UserWarning, match=r"2 of 3 images kept; problems: missing_file=1, box_empty=1") as record:
+        ds = CocoDetection(*_write(tmp_path, coco))
+    assert "gone.jpg: missing_file" in str(record[0].message)
+    assert ds.image_ids == [10, 20] and ds.report.images_listed == 3 and ds.report.images_kept == 2
+    with pytest.raises(ValueError, match=r"(?s)strict=True.*missing_file=1.*gone.jpg: missing_file - file not found"):
+        CocoDetection(tmp_path / "images", tmp_path / "ann.json", strict=True)
 
 
-def test_unknown_category_in_annotation(tmp_path):
+def test_unknown_category_in_annotation_is_counted(tmp_path):
     coco = {**COCO, "annotations": COCO["annotations"] + [{"id": 9, "image_id": 10, "category_id": 5, "bbox": [0, 0, 2, 2]}]}
-    with pytest.raises(ValueError, match="annotation 9 has unknown category_id 5"):
-        CocoDetection(*_write(tmp_path, coco))
+    with pytest.warns(UserWarning, match="class_out_of_range=1"):
+        ds = CocoDetection(*_write(tmp_path, coco))
+    np.testing.assert_array_equal(ds.labels[0], [1, 2])  # the category-5 box is dropped
+    with pytest.raises(ValueError, match="(?s)class_out_of_range=1.*a.jpg: class_out_of_range"):
+        CocoDetection(tmp_path / "images", tmp_path / "ann.json", strict=True)
+
+
+def test_bad_annotation_entries_are_counted(tmp_path):
+    anns = [
+        {"id": 20, "image_id": 99, "category_id": 7, "bbox": [0, 0, 2, 2]},  # no such image
+        {"id": 21, "image_id": 10, "category_id": 7, "bbox": [0, 0, 2]},  # 3 numbers
+        {"id": 22, "image_id": 10, "category_id": 7, "bbox": ["a", 0, 2, 2]},
+    ]
+    coco = {**COCO, "annotations": COCO["annotations"][:2] + anns}
+    with pytest.warns(UserWarning, match="bad_annotation=3") as record:
+        ds = CocoDetection(*_write(tmp_path, coco))
+    assert "ann.json annotation 20" in str(record[0].message)
+    np.testing.assert_array_equal(ds.labels[0], [1, 2])

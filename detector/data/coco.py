@@ -1,26 +1,25 @@
-"""A COCO-JSON detection dataset: images folder + annotation file -> raw samples.
+"""A COCO-JSON detection dataset: images folder + annotation file -> checked samples.
 
-Each sample is a dict
-
-    image     uint8  (H, W, 3) RGB, original pixels
-    boxes     float32 (N, 4) xyxy in original pixels, clipped to the image
-    labels    int64  (N,)   contiguous labels in [0, num_classes)
-    image_id  int           the COCO image id
-
-Labels are the category ids sorted ascending and renumbered 0..C-1 (``category_ids[label]``
-gives the dataset id back, ``class_names[label]`` its name). Crowd annotations and boxes
-with no area are skipped. The JSON is parsed once and reduced to per-image numpy arrays.
+Samples and attributes follow the reader contract of ``detector.data.formats``. Labels are
+the category ids sorted ascending and renumbered 0..C-1 (``category_ids[label]`` gives the
+dataset id back, ``class_names[label]`` its name). ``bbox`` is ``[x, y, w, h]`` in pixels
+(pixel-edge convention) and becomes ``[x, y, x + w, y + h]``. Crowd annotations are left out
+(counted as ``crowd``); the other checks are those of ``detector.data.checks``: an annotation
+whose ``category_id`` is not a category counts as ``class_out_of_range``, one whose
+``image_id`` is not an image or whose ``bbox`` is not 4 numbers as ``bad_annotation``.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-import cv2
 import numpy as np
-from torch.utils.data import Dataset
+
+from detector.data.base import DetectionSource, RawImage
+from detector.data.checks import Verify
 
 COCO_KEYS = ("images", "annotations", "categories")
 
@@ -40,23 +39,46 @@ def load_coco_json(path: str | Path) -> dict[str, Any]:
     return coco
 
 
-class CocoDetection(Dataset):
-    """Detection samples from a COCO annotation file (see the module docstring for the sample dict).
+class CocoDetection(DetectionSource):
+    """Detection samples from a COCO annotation file (contract: ``detector.data.formats``).
 
     Args:
         images: folder holding the ``file_name`` of every image entry.
         annotations: COCO JSON file.
         category_ids: force this label -> category id mapping (e.g. the training set's), so
-            that a validation file lists its categories in any order; unknown ids raise.
+            that a validation file lists its categories in any order; a category of the file
+            outside it raises, an annotation of an unknown id counts as ``class_out_of_range``.
+        class_names: names for ``category_ids`` (default: the file's, or the id as text).
+        strict: raise ``ValueError`` on any non-benign problem instead of skipping it.
+        verify: ``"header"`` (cheap checks) or ``"decode"`` (decode every image once).
+        max_examples: examples listed in the warning / error.
+        workers: threads for the image checks (default ``min(8, cpus)``).
     """
 
-    def __init__(self, images: str | Path, annotations: str | Path, category_ids: Sequence[int] | None = None):
+    def __init__(
+        self,
+        images: str | Path,
+        annotations: str | Path,
+        category_ids: Sequence[int] | None = None,
+        class_names: Sequence[str] | None = None,
+        *,
+        strict: bool = False,
+        verify: Verify = "header",
+        max_examples: int = 5,
+        workers: int | None = None,
+    ):
         self.images_dir = Path(images)
         self.annotations = Path(annotations)
+        super().__init__(str(self.annotations), strict=strict, verify=verify, max_examples=max_examples, workers=workers)
         coco = load_coco_json(self.annotations)
         if not self.images_dir.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.images_dir} (check the images path or the data root)")
-        names = {int(c["id"]): str(c["name"]) for c in coco["categories"]}
+        self._set_classes(coco["categories"], category_ids, class_names)
+        self._build(self._parse(coco))
+        self.file_names: list[str] = [str(p.relative_to(self.images_dir)) for p in self.paths]
+
+    def _set_classes(self, categories: list, category_ids: Sequence[int] | None, class_names: Sequence[str] | None) -> None:
+        names = {int(c["id"]): str(c["name"]) for c in categories}
         if category_ids is None:
             category_ids = sorted(names)
         elif set(names) - set(category_ids):
@@ -64,49 +86,46 @@ class CocoDetection(Dataset):
                 f"{self.annotations} has category ids {sorted(set(names) - set(category_ids))} "
                 f"that the training categories {list(category_ids)} lack"
             )
-        self.category_ids: list[int] = [int(c) for c in category_ids]
-        self.class_names: list[str] = [names.get(c, str(c)) for c in self.category_ids]
-        self._label_of = {c: i for i, c in enumerate(self.category_ids)}
-        self._index(coco)
+        self.category_ids = [int(c) for c in category_ids]
+        self.class_names = [names.get(c, str(c)) for c in self.category_ids]
+        if class_names is not None:
+            if len(class_names) != len(self.category_ids):
+                raise ValueError(f"class_names has {len(class_names)} names for {len(self.category_ids)} category_ids")
+            self.class_names = [str(n) for n in class_names]
 
-    def _index(self, coco: dict[str, Any]) -> None:
-        self.image_ids: list[int] = [int(im["id"]) for im in coco["images"]]
-        self.file_names: list[str] = [str(im["file_name"]) for im in coco["images"]]
-        self.sizes: list[tuple[int, int]] = [(int(im.get("height", 0)), int(im.get("width", 0))) for im in coco["images"]]
-        row = {image_id: i for i, image_id in enumerate(self.image_ids)}
-        per_image: list[list] = [[] for _ in self.image_ids]
+    def _parse(self, coco: dict[str, Any]) -> list[RawImage]:
+        raw = [self._image(im) for im in coco["images"]]
+        row: dict[int, int] = {}
+        for i, r in enumerate(raw):
+            row.setdefault(r.image_id, i)  # a repeated id gets its annotations on the first entry
+        per_image: list[list[tuple]] = [[] for _ in raw]
+        label_of = {c: i for i, c in enumerate(self.category_ids)}
+        where = self.annotations.name
         for ann in coco["annotations"]:
-            x, y, w, h = (float(v) for v in ann["bbox"])
-            if ann.get("iscrowd", 0) or w <= 0 or h <= 0:
+            if ann.get("iscrowd", 0):
+                self.report.add("crowd", f"{where} annotation {ann.get('id')}")
                 continue
-            if ann["category_id"] not in self._label_of:
-                raise ValueError(f"{self.annotations}: annotation {ann.get('id')} has unknown category_id {ann['category_id']}")
-            if ann["image_id"] not in row:
-                raise ValueError(f"{self.annotations}: annotation {ann.get('id')} refers to unknown image_id {ann['image_id']}")
-            per_image[row[ann["image_id"]]].append((x, y, x + w, y + h, self._label_of[ann["category_id"]]))
-        self._boxes = [np.array([a[:4] for a in anns], np.float32).reshape(-1, 4) for anns in per_image]
-        self._labels = [np.array([a[4] for a in anns], np.int64) for anns in per_image]
+            bbox = ann.get("bbox")
+            if ann.get("image_id") not in row or not isinstance(bbox, list) or len(bbox) != 4:
+                self.report.add("bad_annotation", f"{where} annotation {ann.get('id')} (image_id/bbox)")
+                continue
+            try:
+                x, y, w, h = (float(v) for v in bbox)
+            except (TypeError, ValueError):
+                self.report.add("bad_annotation", f"{where} annotation {ann.get('id')} (bbox {bbox})")
+                continue
+            per_image[row[ann["image_id"]]].append((x, y, x + w, y + h, label_of.get(ann.get("category_id"), -1)))
+        for r, anns in zip(raw, per_image):
+            r.boxes = np.array([a[:4] for a in anns], np.float64).reshape(-1, 4)
+            r.labels = np.array([a[4] for a in anns], np.int64)
+        return raw
 
-    @property
-    def num_classes(self) -> int:
-        return len(self.category_ids)
-
-    def __len__(self) -> int:
-        return len(self.image_ids)
-
-    def load_image(self, i: int) -> np.ndarray:
-        """uint8 (H, W, 3) RGB."""
-        path = self.images_dir / self.file_names[i]
-        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if image is None:
-            raise FileNotFoundError(f"image not found or unreadable: {path} (listed in {self.annotations})")
-        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        image = self.load_image(i)
-        h, w = image.shape[:2]
-        boxes = self._boxes[i].copy()
-        np.clip(boxes[:, 0::2], 0, w, out=boxes[:, 0::2])
-        np.clip(boxes[:, 1::2], 0, h, out=boxes[:, 1::2])
-        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-        return {"image": image, "boxes": boxes[keep], "labels": self._labels[i][keep], "image_id": self.image_ids[i]}
+    def _image(self, im: dict[str, Any]) -> RawImage:
+        name = str(im.get("file_name", ""))
+        empty = np.zeros((0, 4)), np.zeros(0, np.int64)
+        try:
+            image_id, size = int(im["id"]), (int(im.get("height", 0)), int(im.get("width", 0)))
+        except (KeyError, TypeError, ValueError):
+            return RawImage(self.images_dir / name, -1, *empty, name=f"{name} (image entry {im})", problem="bad_annotation")
+        problem = None if name else "bad_annotation"
+        return RawImage(self.images_dir / name, image_id, *empty, name=name or f"image {image_id}", size=size, problem=problem)
