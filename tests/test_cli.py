@@ -61,6 +61,40 @@ def test_validate_and_test_subcommands_from_checkpoint(tmp_path: Path) -> None:
     assert {r["category_id"] for r in written} <= {1, 2, 3, 5, 8}  # the shapes dataset's own ids
 
 
+def test_predict_on_a_folder_maps_back_to_original_pixels(tmp_path: Path) -> None:
+    """A folder holding two validation images (one re-encoded as lossless PNG) gets, image for image, the
+    detections of the COCO-split predict; ids are the sorted-folder indices and files are drawn full size."""
+    import cv2
+
+    predict = ["predict", *_tiny(tmp_path), "--data.batch_size", "1", "--config", str(ROOT / "configs" / "predict_coco.yaml")]
+    ref = main([*predict, "--trainer.callbacks.init_args.output", str(tmp_path / "ref.json")])  # untrained weights, seed 0
+    val = ref.datamodule.test_set.base
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("not an image")
+    rows = {"b_first.jpg": 0, "a_second.png": 1}  # sorted: a_second.png is image 0
+    (folder / "b_first.jpg").write_bytes((val.images_dir / val.file_names[0]).read_bytes())
+    cv2.imwrite(str(folder / "a_second.png"), cv2.imread(str(val.images_dir / val.file_names[1])))
+    main([*predict, "--data.predict_images", str(folder), "--trainer.callbacks.init_args.output", str(tmp_path / "f.json"),
+          "--trainer.callbacks.init_args.draw_dir", str(tmp_path / "drawn")])  # fmt: skip
+
+    ref_dets = json.loads((tmp_path / "ref.json").read_text())
+    dets = json.loads((tmp_path / "f.json").read_text())
+    assert {(d["image_id"], d["file_name"]) for d in dets} == {(0, "a_second.png"), (1, "b_first.jpg")}
+    for image_id, name in enumerate(sorted(rows)):
+        h, w = val.sizes[rows[name]]
+        assert h != w or name == "b_first.jpg"  # at least the PNG is not square: the letterbox pads
+        mine = sorted((d["score"], d["category_id"], d["bbox"]) for d in dets if d["image_id"] == image_id)
+        coco = sorted((d["score"], d["category_id"], d["bbox"]) for d in ref_dets if d["image_id"] == val.image_ids[rows[name]])
+        assert len(mine) == len(coco) > 0
+        assert all(s == pytest.approx(t) and c == k and b == pytest.approx(q, abs=1e-3) for (s, c, b), (t, k, q) in zip(mine, coco))
+        boxes = torch.tensor([b for _, _, b in mine])  # xywh original pixels, inside the original image
+        assert (boxes[:, :2] >= -1e-3).all() and (boxes[:, 0] + boxes[:, 2] <= w + 1e-3).all()
+        assert (boxes[:, 1] + boxes[:, 3] <= h + 1e-3).all()
+        drawn = cv2.imread(str(tmp_path / "drawn" / f"{Path(name).stem}.jpg"))
+        assert drawn is not None and drawn.shape == (h, w, 3)
+
+
 def _run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
 

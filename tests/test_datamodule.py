@@ -184,7 +184,7 @@ def test_workers_do_not_repeat_augmentations(shapes_root, tmp_path):
 
 def test_test_split_defaults_to_val(shapes_root):
     dm = DetectionDataModule(root=str(shapes_root), image_size=SIZE, num_workers=0)
-    assert dm.paths["test"] == dm.paths["val"]
+    assert dm.splits["test"] == dm.splits["val"]
     dm.setup("test")
     assert len(dm.test_dataloader().dataset) == SMALL.num_val
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 
 SHAPES_CLASSES: tuple[str, ...] = ("circle", "rectangle", "triangle", "cross", "star")
 SHAPES_CATEGORY_IDS: tuple[int, ...] = (1, 2, 3, 5, 8)  # non-contiguous on purpose
@@ -51,6 +52,10 @@ class ShapesConfig:
     seed: int = 0  # same seed -> byte-identical annotations and pixels
     min_size: int = 256  # image width and height are each drawn from [min_size, max_size]
     max_size: int = 416  # non-square images exercise the letterbox
+
+
+# checkpoints of a datamodule built with ShapesConfig(...) in Python load with weights_only=True
+torch.serialization.add_safe_globals([ShapesConfig])
 
 
 def ensure_shapes(root: str | Path, cfg: ShapesConfig) -> Path:

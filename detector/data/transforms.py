@@ -13,6 +13,14 @@ is rounded to whole pixels, so along that axis the true scale differs from ``sca
 most ``0.5 / orig_side``: mapping back is exact to within ``0.5 / scale`` original pixels
 (< 0.7 px for 416 -> 320). For training samples the recorded letterbox is that of the base
 letterbox only (before the random affine and flip), so it is meaningful for val/test only.
+
+Mosaic (``mosaic_transforms``, YOLOv4) tiles four images on a 2 x 2 grid with
+``A.Mosaic``: each image is resized so that its *short* side is ``size`` ("cover"), the
+grid centre is drawn in the middle 40 % and the ``size x size`` window around it is kept,
+so every image shows the corner nearest the centre. The three extra images come through
+``A.Mosaic``'s metadata (``MOSAIC_KEY``); the dataset chooses them (``detector.data.mosaic``).
+
+Multi-scale training resizes whole batches (``random_batch_size``, ``resize_batch``).
 """
 
 from __future__ import annotations
@@ -20,9 +28,13 @@ from __future__ import annotations
 import albumentations as A
 import cv2
 import numpy as np
+import torch.nn.functional as F
+from torch import Tensor
 
 PAD_VALUE = 114  # gray used for letterbox padding and affine borders (as in YOLOv3-v5)
 MIN_BOX_SIDE = 2.0  # training boxes thinner than this (input pixels) after augmentation are dropped
+MOSAIC_KEY = "mosaic_metadata"  # A.Mosaic's metadata key: a list of {"image", "bboxes", "labels"} dicts
+STRIDE = 32  # multi-scale sizes are multiples of the largest model stride
 
 
 def letterbox_params(orig_hw: tuple[int, int], size: int) -> tuple[float, float, float]:
@@ -41,13 +53,9 @@ def _letterbox(size: int) -> list[A.BasicTransform]:
     ]
 
 
-def train_transforms(size: int, color_jitter: bool = True, seed: int | None = None) -> A.Compose:
-    """Letterbox, random scale 0.6-1.4 and translate +-10 %, horizontal flip, HSV jitter.
-
-    Boxes are clipped to the image and dropped when a side falls below ``MIN_BOX_SIDE``.
-    ``seed`` fixes the augmentation stream (tests); the dataloader reseeds each worker.
-    """
-    transforms = _letterbox(size) + [
+def _augment(color_jitter: bool) -> list[A.BasicTransform]:
+    """Random scale 0.6-1.4 and translate +-10 %, horizontal flip, HSV jitter (size kept)."""
+    transforms = [
         A.Affine(
             scale=(0.6, 1.4),
             translate_percent=(-0.1, 0.1),
@@ -60,10 +68,43 @@ def train_transforms(size: int, color_jitter: bool = True, seed: int | None = No
     ]
     if color_jitter:
         transforms.append(A.HueSaturationValue(hue_shift_limit=10, sat_shift_limit=40, val_shift_limit=30, p=1.0))
+    return transforms
+
+
+def _train_compose(transforms: list[A.BasicTransform], seed: int | None) -> A.Compose:
     bbox_params = A.BboxParams(
         format="pascal_voc", label_fields=["labels"], min_width=MIN_BOX_SIDE, min_height=MIN_BOX_SIDE, clip=True
     )
     return A.Compose(transforms, bbox_params=bbox_params, seed=seed)
+
+
+def train_transforms(size: int, color_jitter: bool = True, seed: int | None = None) -> A.Compose:
+    """Letterbox, random scale 0.6-1.4 and translate +-10 %, horizontal flip, HSV jitter.
+
+    Boxes are clipped to the image and dropped when a side falls below ``MIN_BOX_SIDE``.
+    ``seed`` fixes the augmentation stream (tests); the dataloader reseeds each worker.
+    """
+    return _train_compose(_letterbox(size) + _augment(color_jitter), seed)
+
+
+def mosaic_transforms(size: int, color_jitter: bool = True, seed: int | None = None) -> A.Compose:
+    """2 x 2 mosaic of the image and three others (``A.Mosaic``), then the ``train_transforms`` jitter.
+
+    Call it with ``MOSAIC_KEY=[{"image", "bboxes", "labels"} x 3]`` (see ``apply``); boxes cut by
+    a cell border are clipped to the visible part and dropped below ``MIN_BOX_SIDE``.
+    """
+    mosaic = A.Mosaic(
+        grid_yx=(2, 2),
+        target_size=(size, size),
+        cell_shape=(size, size),
+        center_range=(0.3, 0.7),
+        fit_mode="cover",
+        interpolation=cv2.INTER_LINEAR,
+        fill=PAD_VALUE,
+        metadata_key=MOSAIC_KEY,
+        p=1.0,
+    )
+    return _train_compose([mosaic] + _augment(color_jitter), seed)
 
 
 def val_transforms(size: int) -> A.Compose:
@@ -72,9 +113,46 @@ def val_transforms(size: int) -> A.Compose:
     return A.Compose(_letterbox(size), bbox_params=bbox_params)
 
 
-def apply(transform: A.Compose, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray):
-    """Run a pipeline; returns ``(image (S, S, 3) uint8, boxes float32 (N, 4), labels int64 (N,))``."""
-    out = transform(image=image, bboxes=boxes, labels=labels)
+def apply(
+    transform: A.Compose,
+    image: np.ndarray,
+    boxes: np.ndarray,
+    labels: np.ndarray,
+    extras: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Run a pipeline; returns ``(image (S, S, 3) uint8, boxes float32 (N, 4), labels int64 (N,))``.
+
+    ``extras``: ``(image, boxes, labels)`` of the other mosaic tiles (``mosaic_transforms`` only).
+    """
+    data: dict[str, object] = {"image": image, "bboxes": boxes, "labels": labels}
+    if extras is not None:
+        data[MOSAIC_KEY] = [{"image": im, "bboxes": b, "labels": lab} for im, b, lab in extras]
+    out = transform(**data)
     boxes = np.asarray(out["bboxes"], np.float32).reshape(-1, 4)
     labels = np.asarray(out["labels"], np.int64).reshape(-1)
     return out["image"], boxes, labels
+
+
+def random_batch_size(seed: int, step: int, low: int, high: int) -> int:
+    """A multiple of ``STRIDE`` in ``[low, high]``, uniform, a pure function of ``(seed, step)``."""
+    k = np.random.default_rng([seed, step]).integers(-(-low // STRIDE), high // STRIDE + 1)
+    return int(k) * STRIDE
+
+
+def resize_batch(images: Tensor, targets: list[dict[str, Tensor]], size: int) -> tuple[Tensor, list[dict[str, Tensor]]]:
+    """Resize ``images (B, 3, S, S)`` to ``(B, 3, size, size)`` (bilinear) and scale boxes by ``size / S``.
+
+    Pixel-edge coordinates scale exactly: ``F.interpolate(align_corners=False)`` maps the edge
+    ``x`` of the input to ``x * size / S``. ``letterbox`` (scale, pad_x, pad_y) is scaled alike.
+    """
+    if size == images.shape[-1]:
+        return images, targets
+    k = size / images.shape[-1]
+    images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+    out = []
+    for t in targets:
+        t = dict(t)
+        t["boxes"] = t["boxes"] * k  # (N, 4)
+        t["letterbox"] = t["letterbox"] * k  # (3,): input' = k * (orig * scale + pad)
+        out.append(t)
+    return images, out
