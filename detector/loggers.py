@@ -1,4 +1,5 @@
-"""Weights & Biases through Lightning's ``WandbLogger``, which never prompts and never waits."""
+"""Weights & Biases through Lightning's ``WandbLogger``, which never prompts and never waits,
+and the two helpers the W&B callbacks share (:func:`wandb_run`, :func:`log_to_wandb`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import socket
 from pathlib import Path
 from typing import Any, Literal
 
+import lightning as L
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -38,6 +40,11 @@ class WandbLogger(_LightningWandbLogger):
     otherwise offline: no login prompt, no waiting. ``WANDB_MODE`` in the environment wins.
     Offline runs are written under ``save_dir`` and can be uploaded later with ``wandb sync``.
     Remaining keyword arguments go to ``wandb.init`` (e.g. ``group``, ``tags``, ``entity``).
+
+    ``log_model``: True logs the best and the last checkpoint of every ``ModelCheckpoint`` as a
+    ``model`` artifact when training ends (aliases ``best`` and ``latest``); "all" logs each one as
+    it is written. Unlike Lightning's logger this works offline too: the artifact is recorded in the
+    offline run and uploaded by ``wandb sync``.
     """
 
     def __init__(
@@ -61,12 +68,33 @@ class WandbLogger(_LightningWandbLogger):
         Path(save_dir).mkdir(parents=True, exist_ok=True)
         if kwargs.get("settings") is None:
             kwargs["settings"] = {"silent": True, "init_timeout": 30}
-        super().__init__(
-            name=name, save_dir=save_dir, offline=offline, project=project, log_model=log_model, group=group, tags=tags, **kwargs
-        )
+        super().__init__(name=name, save_dir=save_dir, offline=offline, project=project, group=group, tags=tags, **kwargs)
+        self._log_model = log_model  # set here: Lightning refuses log_model offline, wandb records it for `wandb sync`
 
     def finalize(self, status: str) -> None:
         super().finalize(status)
         if self._offline and self._experiment is not None:
             run_dir = Path(self._experiment.dir).parent
             rank_zero_info(f"W&B run written offline to {run_dir}; upload it with: wandb sync {run_dir}")
+
+
+def wandb_run(trainer: L.Trainer) -> Any | None:
+    """The W&B run of the trainer's first ``WandbLogger`` on global rank 0; None elsewhere, and
+    when no ``WandbLogger`` is attached (``--trainer.logger false``, CSV), so callbacks skip."""
+    if not trainer.is_global_zero:
+        return None
+    for logger in trainer.loggers:
+        if isinstance(logger, _LightningWandbLogger):
+            return logger.experiment
+    return None
+
+
+def log_to_wandb(trainer: L.Trainer, data: dict[str, Any]) -> bool:
+    """Log ``data`` (media, tables, charts) to the W&B run at the trainer's global step, as
+    Lightning's ``WandbLogger.log_metrics`` does, so panels share the ``trainer/global_step`` axis.
+    Returns False (nothing logged) where :func:`wandb_run` is None."""
+    run = wandb_run(trainer)
+    if run is None:
+        return False
+    run.log({**data, "trainer/global_step": trainer.global_step})
+    return True

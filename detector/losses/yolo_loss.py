@@ -14,6 +14,7 @@ gradients DDP averages equal those of one process holding the whole batch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -53,7 +54,16 @@ class YOLOLoss(nn.Module):
     pixels, ``labels [N]``); ``anchors [S, A, 2]`` pixels; ``strides`` per scale. Returns a dict
     of scalars ``loss`` (the total, for backward), ``loss_obj``, ``loss_cls``, ``loss_box`` and
     ``num_pos`` (this process's positives, detached).
+
+    ``recorder``: None (the default, no cost) or a callable that each ``forward`` hands the
+    detached elementwise tensors as keywords (``detector.callbacks.ImbalanceDiagnostics`` sets it):
+    ``obj=(logits, targets, weight, loss)`` each ``[B, N]``, ``cls=(logits, targets, loss)`` each
+    ``[P, C]``, ``box`` ``[P]``, ``images`` and ``rows`` ``[P]`` (the positives), ``shapes``
+    (H_s, W_s) and ``strides`` per scale, ``z`` the normaliser; a component's share of ``loss`` is
+    ``weight · Σ elements / z``.
     """
+
+    recorder: Callable[..., None] | None = None  # a plain attribute: no state, nothing checkpointed
 
     def __init__(
         self,
@@ -111,11 +121,16 @@ class YOLOLoss(nn.Module):
         needs_pos = self.classification.needs_info or self.box.needs_info or self.objectness.needs_info
         pos_info = self._positive_info(head, pos_cls, b, r, g, gt, pred, target) if needs_pos else None
         obj_info = self._anchor_info(outputs, boxes / in_size, b, r, pos_info) if self.objectness.needs_info else None
-        l_obj = self.objectness(head[..., 4].reshape(-1, 1), obj_t.view(-1, 1), obj_w.view(-1, 1), obj_info).sum()
-        l_cls = self.classification(pos_cls, cls_t, None, pos_info).sum()
-        l_box = self.box(pred, target, None, pos_info).sum()
+        e_obj = self.objectness(head[..., 4].reshape(-1, 1), obj_t.view(-1, 1), obj_w.view(-1, 1), obj_info)
+        e_cls = self.classification(pos_cls, cls_t, None, pos_info)  # (P, C)
+        e_box = self.box(pred, target, None, pos_info)  # (P,)
+        l_obj, l_cls, l_box = e_obj.sum(), e_cls.sum(), e_box.sum()
 
         z = self._normaliser(len(b), b_n, n_rows, head)
+        if self.recorder is not None:  # opt-in diagnostics, see the class docstring
+            obj = (head[..., 4].detach(), obj_t, obj_w, e_obj.detach().view_as(obj_w))
+            self.recorder(obj=obj, cls=(pos_cls.detach(), cls_t, e_cls.detach()), box=e_box.detach(),
+                          images=b, rows=r, shapes=shapes, strides=strides, z=z)  # fmt: skip
         parts = [w * loss / z for w, loss in zip(self.weights, (l_obj, l_cls, l_box))]
         return {
             "loss": parts[0] + parts[1] + parts[2],

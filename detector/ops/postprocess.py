@@ -16,7 +16,7 @@ def postprocess(
     conf_thresh: float = 0.001,
     iou_thresh: float = 0.6,
     max_det: int = 100,
-    max_candidates: int = 3000,
+    max_candidates: int = 1000,
 ) -> list[dict[str, Tensor]]:
     """Detections per image, for the whole batch at once.
 
@@ -24,6 +24,10 @@ def postprocess(
     YOLOv3's independent sigmoids allow). Per image the ``max_candidates`` best pairs above
     ``conf_thresh`` go through one ``torchvision.ops.batched_nms`` call for the whole batch
     (grouped by image and class); the ``max_det`` best survivors are kept.
+
+    NMS costs up to O(n²) per group, so ``max_candidates`` sets the price of evaluation: 1000
+    per image (RetinaNet's pre-NMS top-k, ten times ``max_det``) keeps an evaluation epoch within
+    1.3× the bare forward pass (``benchmarks/eval.py``); 3000 cost up to 1.6× more on CPU.
 
     Args:
         outputs: per scale ``[B, A, H_s, W_s, 5 + C]`` raw logits.
@@ -33,7 +37,7 @@ def postprocess(
         sorted by descending score.
     """
     raw = flatten_outputs([o.detach().float() for o in outputs])  # (B, N, 5 + C)
-    b_n, n_rows, n_cls = raw.shape[0], raw.shape[1], raw.shape[2] - 5
+    b_n, n_cls = raw.shape[0], raw.shape[2] - 5
     cells, anchor_wh, steps = anchor_grid([(o.shape[2], o.shape[3]) for o in outputs], anchors, strides)
     boxes = decode(raw, cells, anchor_wh, steps)  # (B, N, 4)
     scores = (raw[..., 4:5].sigmoid() * raw[..., 5:].sigmoid()).view(b_n, -1)  # (B, N·C)
