@@ -53,7 +53,7 @@ class DetectorCLI(LightningCLI):
         """Validate the best checkpoint (the last weights when none was saved) and print the table."""
         ckpt = self.trainer.checkpoint_callback
         best = getattr(ckpt, "best_model_path", None) or None  # ModelCheckpoint's; None: the last weights
-        self.trainer.validate(self.model, datamodule=self.datamodule, ckpt_path=best, weights_only=False)
+        self.trainer.validate(self.model, datamodule=self.datamodule, ckpt_path=best, weights_only=True)
 
 
 def summarize_parse_error(message: str) -> str:

@@ -9,18 +9,25 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+from torchmetrics import MeanMetric
 from torchmetrics.detection import MeanAveragePrecision
 
 from .anchors import best_possible_recall, dataset_wh
 from .losses.yolo_loss import YOLOLoss
+from .metrics import ShardedMeanAveragePrecision
 from .models import YOLOv3
 from .ops.boxes import unletterbox
 from .ops.dist import local_only
+from .ops.finite import BufferSnapshot, all_finite, nonfinite_entries
 from .ops.postprocess import postprocess
 
 Batch = tuple[Tensor, list[dict[str, Tensor]]]
 # Keys of MeanAveragePrecision's result logged as val/<key> (DESIGN.md names).
 MAP_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_1", "mar_10", "mar_100")
+
+
+class NonFiniteLossError(RuntimeError):
+    """A NaN or Inf in a training step (``nonfinite="stop"``) or in weights about to be checkpointed."""
 
 
 class DetectorModule(L.LightningModule):
@@ -42,6 +49,16 @@ class DetectorModule(L.LightningModule):
         lr, momentum, weight_decay: optimizer settings.
         warmup_epochs: linear warm-up of the learning rate, then cosine decay to ``lr·min_lr_ratio``.
         conf_thresh, nms_iou, max_det: post-processing for evaluation (COCO: 0.001, 100 per image).
+        nonfinite: what a training batch whose outputs or loss hold a NaN/Inf does: "skip" (no
+            update; BatchNorm/GHM-C buffers rolled back; counted in ``train/nonfinite_skipped``) or
+            "stop" (``NonFiniteLossError`` naming the global step and the batch's image ids).
+            The check costs one reduction of the outputs and two host syncs per step.
+            All DDP processes take the same branch. A checkpoint with non-finite weights is never written.
+        channels_last: keep the network in channels-last memory format (faster convs with AMP on GPUs).
+        compile: ``torch.compile`` the network in place (state-dict keys unchanged); True for the
+            default backend or a backend name (e.g. "inductor", "eager"). The first steps are slow.
+        ema_decay, ema_warmup_steps: an exponential moving average of the weights, validated and
+            checkpointed (``detector.callbacks.EMA``, added by ``configure_callbacks``); None = off.
     """
 
     def __init__(
@@ -60,26 +77,46 @@ class DetectorModule(L.LightningModule):
         conf_thresh: float = 0.001,
         nms_iou: float = 0.6,
         max_det: int = 100,
+        nonfinite: Literal["skip", "stop"] = "skip",
+        channels_last: bool = False,
+        compile: bool | str = False,
+        ema_decay: float | None = None,
+        ema_warmup_steps: float = 200.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["loss"])
         self.class_names = list(class_names)
         self.model = YOLOv3(len(self.class_names), preset, anchors, weights)
         self.criterion = loss if loss is not None else YOLOLoss()
+        if nonfinite not in ("skip", "stop"):
+            raise ValueError(f"nonfinite must be 'skip' or 'stop', got {nonfinite!r}")
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if compile:
+            self.model.compile(**({} if compile is True else {"backend": compile}))
+        self.nonfinite_skipped = 0  # batches skipped so far; checkpointed
+        self._buffers_before: BufferSnapshot | None = None
+        self._skip_update = False  # set by a skipped batch, cleared at the optimizer step
         self.val_map = self._make_metric()
         self.test_map = self._make_metric()
+        # evaluation loss, weighted by images: exact under DDP with uneven shards (Lightning's own
+        # sync_dist mean would weigh processes by a truncated integer average of their batch sizes)
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
 
     @staticmethod
     def _make_metric() -> MeanAveragePrecision:
-        return MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="faster_coco_eval", class_metrics=True)
+        # gathers unevenly sharded images under DDP (the evaluation sampler pads nothing)
+        return ShardedMeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="faster_coco_eval", class_metrics=True)
 
     def forward(self, images: Tensor) -> list[Tensor]:
         """``images [B, 3, S, S]`` -> per scale ``[B, A, S/s, S/s, 5 + C]`` raw outputs."""
+        if self.hparams.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         return self.model(images)
 
     def detect(self, images: Tensor) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
         """Raw outputs and detections (input pixels) for a batch of images."""
-        outputs = self.model(images)
+        outputs = self(images)
         dets = postprocess(
             outputs, self.model.anchors, self.model.strides, self.hparams.conf_thresh, self.hparams.nms_iou, self.hparams.max_det
         )
@@ -101,27 +138,92 @@ class DetectorModule(L.LightningModule):
                 "compute anchors for this data with: python -m detector.anchors --config <your configs>"
             )
 
+    def configure_callbacks(self) -> list[L.Callback]:
+        """The EMA callback when ``ema_decay`` is set (it replaces an ``EMA`` given to the Trainer)."""
+        if self.hparams.get("ema_decay") is None:
+            return []
+        # imported here: detector.callbacks imports the data and W&B stacks, which training needs not
+        from .callbacks.ema import EMA
+
+        return [EMA(self.hparams.ema_decay, self.hparams.get("ema_warmup_steps", 200.0))]
+
+    def on_train_start(self) -> None:
+        # after the move to the device: the snapshot holds the buffers the steps will write
+        self._buffers_before = BufferSnapshot(self)
+
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        """Loss of one batch; for a skipped non-finite batch a zero loss and no update (see ``_nonfinite``)."""
         images, targets = batch
-        losses = self.criterion(self.model(images), targets, self.model.anchors, self.model.strides)
+        if self._buffers_before is not None:
+            self._buffers_before.take()
+        outputs = self(images)
+        if not all_finite(outputs):  # before the loss: stateful losses must not see NaN logits
+            return self._nonfinite(targets, "network outputs")
+        losses = self.criterion(outputs, targets, self.model.anchors, self.model.strides)
+        if not all_finite([losses["loss"]]):
+            return self._nonfinite(targets, "loss")
         self.log_dict({f"train/{k}": losses[k] for k in ("loss_obj", "loss_cls", "loss_box")}, batch_size=len(images))
         self.log("train/loss", losses["loss"], prog_bar=True, batch_size=len(images))
         self.log("lr", self.optimizers().param_groups[0]["lr"], batch_size=len(images))
         return losses["loss"]
+
+    def _nonfinite(self, targets: list[dict[str, Tensor]], what: str) -> Tensor:
+        """Skip the batch (roll the buffers back, count it) or stop the run, per ``hparams.nonfinite``.
+
+        Skipping returns a zero loss built from one element of every parameter (not from the NaN
+        outputs): every DDP process runs the same backward (Lightning forbids returning None under
+        DDP), the gradients are 0, and ``on_before_optimizer_step`` then drops them, so the optimizer
+        (which skips parameters without a gradient) leaves weights and momentum untouched. With
+        gradient accumulation the whole accumulated step is skipped.
+        """
+        step = self.trainer.global_step if self._trainer is not None else 0
+        ids = [int(t["image_id"]) for t in targets]
+        if self.hparams.nonfinite == "stop":
+            raise NonFiniteLossError(
+                f"non-finite {what} at global step {step} (epoch {self.current_epoch}); image ids of the batch: {ids}. "
+                "Lower the learning rate or fix these images, or set model.nonfinite=skip to skip such batches."
+            )
+        if self._buffers_before is not None:
+            self._buffers_before.restore()
+        self.nonfinite_skipped += 1
+        rank_zero_warn(f"skipped a batch with non-finite {what} at global step {step}; image ids: {ids}")
+        self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), batch_size=len(targets))
+        self._skip_update = True
+        return torch.stack([p[(0,) * p.ndim] for p in self.parameters() if p.requires_grad]).sum() * 0.0
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._skip_update:  # a skipped batch in this step: no update at all
+            optimizer.zero_grad(set_to_none=True)
+            self._skip_update = False
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse to write non-finite weights (raw or averaged); keep the skip counter."""
+        bad = nonfinite_entries(checkpoint["state_dict"]) + nonfinite_entries(checkpoint.get("current_model_state", {}))
+        if bad:
+            raise NonFiniteLossError(
+                f"refusing to write a checkpoint at global step {checkpoint.get('global_step')}: "
+                f"non-finite values in {bad[:5]}{' ...' if len(bad) > 5 else ''}"
+            )
+        checkpoint["nonfinite_skipped"] = self.nonfinite_skipped
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.nonfinite_skipped = int(checkpoint.get("nonfinite_skipped", 0))
 
     def _eval_step(self, batch: Batch, metric: MeanAveragePrecision, stage: str) -> None:
         images, targets = batch
         outputs, dets = self.detect(images)
         with local_only():  # ranks may run different numbers of eval batches: no collectives here
             losses = self.criterion(outputs, targets, self.model.anchors, self.model.strides)
-        self.log(f"{stage}/loss", losses["loss"], on_epoch=True, sync_dist=True, batch_size=len(images))
+        loss_metric = self.val_loss if stage == "val" else self.test_loss
+        loss_metric.update(losses["loss"].detach(), weight=len(images))
+        self.log(f"{stage}/loss", loss_metric, on_step=False, on_epoch=True)
         preds, gts = [], []
         for det, t in zip(dets, targets):
             preds.append({**det, "boxes": unletterbox(det["boxes"], t["letterbox"], t["orig_size"])})
             if "orig_boxes" in t:  # the annotation itself: exact, as COCO's own evaluation sees it
-                gts.append({"boxes": t["orig_boxes"], "labels": t["orig_labels"]})
+                gts.append({"boxes": t["orig_boxes"], "labels": t["orig_labels"], "image_id": t["image_id"]})
             else:
-                gts.append({"boxes": unletterbox(t["boxes"], t["letterbox"], t["orig_size"]), "labels": t["labels"]})
+                gts.append({"boxes": unletterbox(t["boxes"], t["letterbox"], t["orig_size"]), "labels": t["labels"], "image_id": t["image_id"]})
         metric.update(preds, gts)
 
     def _log_map(self, metric: MeanAveragePrecision, stage: str) -> None:

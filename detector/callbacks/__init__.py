@@ -1,6 +1,21 @@
 """Callbacks used by the configs: ``class_path: detector.callbacks.<Name>``."""
 
-from .monitors import LearningRateMonitor
+from .diagnostics import ImbalanceDiagnostics, ImbalanceStats
+from .ema import EMA
+from .monitors import EpochTimer, LearningRateMonitor, ThroughputMonitor
 from .predictions import CocoPredictionWriter
+from .wandb_media import WandbClassAP, WandbDetectionImages
+from .wandb_run import WandbRunInfo
 
-__all__ = ["CocoPredictionWriter", "LearningRateMonitor"]
+__all__ = [
+    "EMA",
+    "CocoPredictionWriter",
+    "EpochTimer",
+    "ImbalanceDiagnostics",
+    "ImbalanceStats",
+    "LearningRateMonitor",
+    "ThroughputMonitor",
+    "WandbClassAP",
+    "WandbDetectionImages",
+    "WandbRunInfo",
+]

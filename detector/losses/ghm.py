@@ -56,7 +56,7 @@ class GHMC(ClassificationLoss):
         ``i/M``; the two differ only for a g within one rounding step of an edge. Two elementwise
         passes instead of a binary search (``torch.bucketize``, ~4× slower on 13.6 M elements).
         """
-        idx = (g * self.bins).long().clamp_(max=self.bins - 1)
+        idx = (g * self.bins).long().clamp_(0, self.bins - 1)  # 0..M-1 even for NaN g (evaluation of a broken model)
         if valid is not None:
             idx.masked_fill_(~valid, self.bins)
         return idx
