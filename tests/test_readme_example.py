@@ -1,0 +1,195 @@
+"""README "Make it yours": the worked example (a new classification loss) works exactly as written.
+
+The section is read from README.md when it holds ``## Make it yours``, else from its draft
+``docs/readme/make_it_yours.md``. Every fenced code block whose first line is ``# <path>`` (e.g.
+``# detector/losses/poly.py``) is an example file. A "fork" is built in tmp_path: a copy of
+``detector/`` and ``configs/`` plus the example files; the example's own test runs there under
+pytest, and the README's ablation command runs there (tiny data, 1 epoch, W&B offline).
+"""
+
+import importlib.util
+import math
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from detector.losses import ClassificationLoss
+
+ROOT = Path(__file__).resolve().parents[1]
+HEADING = "## Make it yours"
+LOSS, RECIPE, TEST = "detector/losses/poly.py", "configs/losses/poly.yaml", "tests/test_poly.py"
+TINY = [
+    "--data.embedded.num_train", "4", "--data.embedded.num_val", "2", "--data.image_size", "64",
+    "--data.batch_size", "4", "--data.num_workers", "0", "--trainer.max_epochs", "1",
+    "--trainer.check_val_every_n_epoch", "1", "--trainer.log_every_n_steps", "1",
+    "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+    "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+]  # fmt: skip
+
+
+def section() -> str:
+    """The ``## Make it yours`` section of README.md, or the draft before it is merged."""
+    readme = (ROOT / "README.md").read_text()
+    if HEADING in readme:
+        body = readme.split(HEADING, 1)[1]
+        return HEADING + re.split(r"\n## ", body, maxsplit=1)[0]
+    return (ROOT / "docs" / "readme" / "make_it_yours.md").read_text()
+
+
+def example_files(text: str) -> dict[str, str]:
+    """``{path: content}`` of the fenced blocks whose first line is exactly ``# <path>.py|.yaml``."""
+    files = {}
+    for block in re.findall(r"^```[a-z]*\n(.*?)^```", text, flags=re.DOTALL | re.MULTILINE):
+        m = re.fullmatch(r"# ([\w./-]+\.(?:py|yaml))", block.split("\n", 1)[0].strip())
+        if m:
+            files[m.group(1)] = block
+    return files
+
+
+def commands(text: str, program: str) -> list[list[str]]:
+    """Shell lines of the section's bash blocks that start with ``program``, split into words."""
+    blocks = re.findall(r"^```bash\n(.*?)^```", text, flags=re.DOTALL | re.MULTILINE)
+    return [shlex.split(line, comments=True) for b in blocks for line in b.splitlines() if line.startswith(program)]
+
+
+@pytest.fixture(scope="module")
+def files() -> dict[str, str]:
+    found = example_files(section())
+    assert {LOSS, RECIPE, TEST} <= set(found), f"example files missing from the README section: {sorted(found)}"
+    return found
+
+
+@pytest.fixture(scope="module")
+def fork(tmp_path_factory: pytest.TempPathFactory, files: dict[str, str]) -> Path:
+    """tmp_path copy of the repository's package and configs, with the three example files added."""
+    root = tmp_path_factory.mktemp("fork")
+    shutil.copytree(ROOT / "detector", root / "detector", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "configs", root / "configs")
+    for rel in (LOSS, RECIPE, TEST):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(files[rel])
+    return root
+
+
+def load_module(name: str, path: Path, monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
+    """Import ``path`` as module ``name`` of the installed package (as if the file were in it)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_loss_closed_form_and_gradient(fork: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    poly = load_module("detector.losses.poly", fork / LOSS, monkeypatch)
+    x = torch.tensor([[0.0, 2.0, 2.0, -1.0]], dtype=torch.float64)
+    y = torch.tensor([[1.0, 1.0, 0.0, 0.25]], dtype=torch.float64)
+    eps = 0.5
+    expected = []
+    for xi, yi in zip(x[0].tolist(), y[0].tolist()):
+        prob = 1 / (1 + math.exp(-xi))
+        bce = -yi * math.log(prob) - (1 - yi) * math.log(1 - prob)
+        expected.append(bce + eps * (1 - (yi * prob + (1 - yi) * (1 - prob))))
+    # x = 0, y = 1: log 2 + 0.5 * 0.5 = 0.9431472
+    assert expected[0] == pytest.approx(0.9431472, abs=1e-7)
+    loss_fn = poly.PolyLoss(epsilon=eps)
+    assert isinstance(loss_fn, ClassificationLoss)
+    torch.testing.assert_close(loss_fn(x, y), torch.tensor([expected], dtype=torch.float64))
+    weight = torch.tensor([[2.0, 0.0, 1.0, 3.0]], dtype=torch.float64)
+    torch.testing.assert_close(loss_fn(x, y, weight), torch.tensor([expected], dtype=torch.float64) * weight)
+    xs = torch.linspace(-4, 4, 12, dtype=torch.float64).view(3, 4).requires_grad_()
+    ys = torch.rand(3, 4, dtype=torch.float64)
+    loss_fn(xs, ys).sum().backward()
+    p = torch.sigmoid(xs.detach())
+    torch.testing.assert_close(xs.grad, p - ys - eps * (2 * ys - 1) * p * (1 - p))  # the docstring's derivation
+
+
+def test_recipe_builds_the_cli(fork: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from detector.cli import DetectorCLI, cli_kwargs
+    from detector.data import DetectionDataModule
+    from detector.module import DetectorModule
+
+    poly = load_module("detector.losses.poly", fork / LOSS, monkeypatch)
+    recipe = yaml.safe_load((fork / RECIPE).read_text())
+    assert (fork / RECIPE).read_text().startswith("#"), "a recipe starts with a comment header"
+    args = ["--config", str(ROOT / "configs" / "default.yaml"), "--config", str(fork / RECIPE),
+            "--data.root", str(tmp_path / "shapes"), "--trainer.default_root_dir", str(tmp_path / "runs"),
+            *TINY]  # fmt: skip
+    cli = DetectorCLI(DetectorModule, DetectionDataModule, run=False, args=args, **cli_kwargs())
+    loss = cli.model.criterion.classification
+    assert type(loss) is poly.PolyLoss
+    assert loss.epsilon == recipe["model"]["loss"]["init_args"]["classification"]["init_args"]["epsilon"]
+    assert type(cli.model.criterion.objectness).__name__ == "BCEObjectness"
+
+
+def run(cmd: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(cwd), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def test_example_test_passes_under_pytest(fork: Path, files: dict[str, str]) -> None:
+    n_tests = len(re.findall(r"^def test_", files[TEST], flags=re.MULTILINE))
+    out = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", TEST], fork)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert f"{n_tests} passed" in out.stdout, out.stdout[-2000:]
+
+
+def test_ablation_command_runs_and_logs_to_wandb(fork: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's ``python -m detector.ablate`` line, run in the fork (in this process: the fork's
+    ``detector/losses/poly.py`` is imported as ``detector.losses.poly``), W&B offline."""
+    from detector import ablate
+
+    cmd = next(c for c in commands(section(), "python -m detector.ablate") if RECIPE in c)
+    group = cmd[cmd.index("--group") + 1]
+    load_module("detector.losses.poly", fork / LOSS, monkeypatch)
+    monkeypatch.chdir(fork)
+    monkeypatch.setattr(ablate, "wandb_can_go_online", lambda: False)  # its summary run reads no WANDB_MODE
+    ablate.main([*cmd[3:], *([] if "--" in cmd else ["--"]), *TINY, "--trainer.num_sanity_val_steps", "0"])
+    table = (fork / "runs" / "ablation" / "ablation.md").read_text()
+    names = [Path(r).stem for r in cmd[cmd.index("--recipes") + 1 :] if r.endswith(".yaml")]
+    rows = [re.search(rf"^\| {n} \| [\d.]+ \| [\d.]+ \|", table, re.MULTILINE) for n in names]
+    assert "poly" in names and all(rows), table
+    # W&B (offline): one run per recipe in the group, the class loss logged, the summary table with a poly row
+    runs = {p: p.read_bytes() for p in (fork / "runs" / "wandb").glob("offline-run-*/run-*.wandb")}
+    poly_runs = [b for b in runs.values() if b"detector.losses.poly.PolyLoss" in b]
+    assert len(runs) == len(names) and len(poly_runs) == 1
+    assert group.encode() in poly_runs[0] and b"train/loss_cls" in poly_runs[0] and b"val/map" in poly_runs[0]
+    summary = list((fork / "runs" / "ablation" / "wandb").glob("offline-run-*/files/media/table/ablation/*.table.json"))
+    assert len(summary) == 1 and '["poly",' in summary[0].read_text()
+
+
+def test_other_example_files(files: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The backbone and the dataset reader of the section, where they are given as whole files."""
+    if "detector/models/resnet.py" in files:
+        (tmp_path / "resnet.py").write_text(files["detector/models/resnet.py"])
+        resnet = load_module("detector.models.resnet", tmp_path / "resnet.py", monkeypatch)
+        net = resnet.ResNet18().eval()
+        feats = net(torch.rand(1, 3, 64, 96))
+        expected = [(1, c, 64 // s, 96 // s) for c, s in zip(net.out_channels, (8, 16, 32))]
+        assert [tuple(f.shape) for f in feats] == expected
+    if "detector/data/csv_boxes.py" in files:
+        (tmp_path / "csv_boxes.py").write_text(files["detector/data/csv_boxes.py"])
+        reader = load_module("detector.data.csv_boxes", tmp_path / "csv_boxes.py", monkeypatch)
+        (tmp_path / "images").mkdir()
+        for name in ("7.png", "3.png"):
+            cv2.imwrite(str(tmp_path / "images" / name), np.zeros((40, 60, 3), np.uint8))
+        (tmp_path / "train.csv").write_text("7.png,1,2,30,20,dog\n3.png,5,5,50,35,cat\n7.png,10,10,20,30,cat\n")
+        ds = reader.CsvDetection(tmp_path, "train")
+        assert ds.class_names == ["cat", "dog"] and ds.image_ids == [3, 7] and len(ds) == 2
+        item = ds[1]  # 7.png
+        assert item["image"].shape == (40, 60, 3) and item["image_id"] == 7
+        np.testing.assert_allclose(item["boxes"], [[1, 2, 30, 20], [10, 10, 20, 30]])
+        assert item["labels"].tolist() == [1, 0]
