@@ -1,7 +1,6 @@
 """README "Make it yours": the worked example (a new classification loss) works exactly as written.
 
-The section is read from README.md when it holds ``## Make it yours``, else from its draft
-``docs/readme/make_it_yours.md``. Every fenced code block whose first line is ``# <path>`` (e.g.
+The section is read from README.md (``## Make it yours``). Every fenced code block whose first line is ``# <path>`` (e.g.
 ``# detector/losses/poly.py``) is an example file. A "fork" is built in tmp_path: a copy of
 ``detector/`` and ``configs/`` plus the example files; the example's own test runs there under
 pytest, and the README's ablation command runs there (tiny data, 1 epoch, W&B offline).
@@ -39,12 +38,11 @@ TINY = [
 
 
 def section() -> str:
-    """The ``## Make it yours`` section of README.md, or the draft before it is merged."""
+    """The ``## Make it yours`` section of README.md, up to the next ``## `` heading."""
     readme = (ROOT / "README.md").read_text()
-    if HEADING in readme:
-        body = readme.split(HEADING, 1)[1]
-        return HEADING + re.split(r"\n## ", body, maxsplit=1)[0]
-    return (ROOT / "docs" / "readme" / "make_it_yours.md").read_text()
+    assert HEADING in readme, f"README.md lacks the section {HEADING!r}"
+    body = readme.split(HEADING, 1)[1]
+    return HEADING + re.split(r"\n## ", body, maxsplit=1)[0]
 
 
 def example_files(text: str) -> dict[str, str]:
