@@ -102,7 +102,9 @@ def breakdown(module: DetectorModule, batches: list) -> dict[str, float]:
             t2 = time.perf_counter()
             dets = postprocess(outputs, model.anchors, model.strides, hp.conf_thresh, hp.nms_iou, hp.max_det)
             t3 = time.perf_counter()
-            preds = [{**d, "boxes": unletterbox(d["boxes"], t["letterbox"], t["orig_size"])} for d, t in zip(dets, targets)]
+            preds = [
+                {**d, "boxes": unletterbox(d["boxes"], t["letterbox"], t["orig_size"])} for d, t in zip(dets, targets)
+            ]
             metric.update(preds, [{"boxes": t["orig_boxes"], "labels": t["orig_labels"]} for t in targets])
             t4 = time.perf_counter()
             for k, dt in zip(("forward", "loss", "postprocess", "update"), (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
@@ -138,10 +140,16 @@ def main() -> None:
         t_bare, t_val = time_epoch(module, batches, args.repeat)
         ratio = t_val / t_bare
         flag = "ok" if ratio <= TARGET else f"over the target {TARGET}"
-        print(f"{state:6s} bare forward {t_bare:6.2f} s   validation epoch {t_val:6.2f} s   ratio {ratio:5.2f}  ({flag})")
+        print(
+            f"{state:6s} bare forward {t_bare:6.2f} s   validation epoch {t_val:6.2f} s   ratio {ratio:5.2f}  ({flag})"
+        )
         parts = breakdown(module, batches)
         steps = sum(v for k, v in parts.items() if k != "detections/image")
-        print("       " + "   ".join(f"{k} {v:.3f}" for k, v in parts.items()) + f"   (parts / forward {steps / parts['forward']:.2f})")
+        print(
+            "       "
+            + "   ".join(f"{k} {v:.3f}" for k, v in parts.items())
+            + f"   (parts / forward {steps / parts['forward']:.2f})"
+        )
 
 
 if __name__ == "__main__":

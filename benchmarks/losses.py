@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -59,17 +60,17 @@ def bench_preset(preset: str, batch: int, objects: int, classes: int, repeat: in
     t_full = timeit(full, repeat)
     print(f"\n{preset} @ {size}, batch {batch}, {objects} objects/image: bare step {t_bare * 1e3:.0f} ms, "
           f"full step (default recipe) {t_full * 1e3:.0f} ms")  # fmt: skip
-    print(f"| recipe | loss fwd+bwd (ms) | share of step |\n|---|---:|---:|")
+    print("| recipe | loss fwd+bwd (ms) | share of step |\n|---|---:|---:|")
     recipes = {"default": default} | {p.stem: load_recipe(p) for p in sorted((ROOT / "configs/losses").glob("*.yaml"))}
+
+    def loss_step(loss_fn: YOLOLoss, leaves: list[torch.Tensor]) -> None:
+        for leaf in leaves:  # as in training: nothing accumulates into the outputs' .grad
+            leaf.grad = None
+        loss_fn(leaves, targets, model.anchors, model.strides)["loss"].backward()
+
     for name, loss_fn in recipes.items():
         leaves = [o.clone().requires_grad_() for o in outs]
-
-        def loss_step() -> None:
-            for leaf in leaves:  # as in training: nothing accumulates into the outputs' .grad
-                leaf.grad = None
-            loss_fn(leaves, targets, model.anchors, model.strides)["loss"].backward()
-
-        t_loss = timeit(loss_step, max(repeat, 5))
+        t_loss = timeit(partial(loss_step, loss_fn, leaves), max(repeat, 5))
         print(f"| {name} | {t_loss * 1e3:.1f} | {100 * t_loss / (t_bare + t_loss):.2f} % |")
 
 

@@ -89,15 +89,29 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.exit(2, "error: --device cuda but torch sees no GPU\n")
     what = "max_memory_allocated" if args.device == "cuda" else "maxrss"
-    print(f"torch {torch.__version__}, device {args.device}, precision {args.precision}, channels_last {args.channels_last}")
+    print(
+        f"torch {torch.__version__}, device {args.device}, precision {args.precision}, channels_last {args.channels_last}"
+    )
     if args.device == "cuda":
-        print("| preset @ size | batch | peak during a step (MiB) | weights + grads + optimizer (MiB) | activations ≈ (MiB) |")
+        print(
+            "| preset @ size | batch | peak during a step (MiB) | weights + grads + optimizer (MiB) | activations ≈ (MiB) |"
+        )
     else:
         print("| preset @ size | batch | peak RSS (MiB) | RSS before the first step (MiB) | the step adds (MiB) |")
     print("|---|---:|---:|---:|---:|")
     for preset in args.presets:
         for batch in args.batches:
-            cmd = [sys.executable, __file__, "--child", preset, str(batch), "--device", args.device, "--precision", args.precision]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                preset,
+                str(batch),
+                "--device",
+                args.device,
+                "--precision",
+                args.precision,
+            ]
             cmd += ["--channels-last"] if args.channels_last else []
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if proc.returncode:

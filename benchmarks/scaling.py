@@ -54,7 +54,11 @@ class SyntheticImages(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         k = i % 16
-        extra = {"image_id": torch.tensor(i), "orig_size": torch.tensor([self.size] * 2), "letterbox": torch.tensor([1.0, 0, 0])}
+        extra = {
+            "image_id": torch.tensor(i),
+            "orig_size": torch.tensor([self.size] * 2),
+            "letterbox": torch.tensor([1.0, 0, 0]),
+        }
         return self.images[k], {**self.targets[k], **extra}
 
 
@@ -128,7 +132,9 @@ def main() -> None:
         return worker(args)
     gpus = torch.cuda.device_count() if args.accelerator == "gpu" else 0
     counts = args.processes or ([1, gpus] if gpus > 1 else [1] if gpus else [1, 2])
-    print(f"{args.accelerator}, {args.preset} @ {args.size} px, batch {args.batch} per process, {args.threads} thread(s) each")
+    print(
+        f"{args.accelerator}, {args.preset} @ {args.size} px, batch {args.batch} per process, {args.threads} thread(s) each"
+    )
     print(f"{'processes':>9} {'images/s':>10} {'speed-up':>9} {'efficiency':>10}  backend")
     base = None
     for procs in sorted(set(counts)):
@@ -136,7 +142,10 @@ def main() -> None:
         if procs == 1:
             base = r["images_per_s"]
         speedup = r["images_per_s"] / base if base else float("nan")
-        print(f"{procs:>9} {r['images_per_s']:>10.1f} {speedup:>9.2f} {speedup / procs:>10.2f}  {r['backend']}", flush=True)
+        print(
+            f"{procs:>9} {r['images_per_s']:>10.1f} {speedup:>9.2f} {speedup / procs:>10.2f}  {r['backend']}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -141,7 +141,9 @@ def main() -> None:
     print(f"torch {torch.__version__}, device {args.device}"
           f"{' (' + torch.cuda.get_device_name() + ')' if args.device == 'cuda' else f', {torch.get_num_threads()} threads'}, "
           f"precision {args.precision}, channels_last {args.channels_last}, guard {not args.no_guard}, batch {args.batch}, {args.objects} objects/image")  # fmt: skip
-    print("| preset @ size | bare step (ms) | full step (ms) | full / bare | full + EMA (ms) | (full + EMA) / bare | images/s (full) |")
+    print(
+        "| preset @ size | bare step (ms) | full step (ms) | full / bare | full + EMA (ms) | (full + EMA) / bare | images/s (full) |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for preset in args.presets:
         size, steps = SIZES[preset], args.steps

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from datetime import datetime
 from pathlib import Path
@@ -78,6 +79,8 @@ def log_summary(results: dict[str, dict[str, float]], group: str, save_dir: str,
     import wandb
 
     mode: Literal["online", "offline"] = "online" if wandb_can_go_online() else "offline"
+    if os.environ.get("WANDB_MODE") in ("online", "offline"):  # as WandbLogger: the environment wins
+        mode = "online" if os.environ["WANDB_MODE"] == "online" else "offline"
     run = wandb.init(project="detector", group=group, name="summary", job_type="ablation", dir=save_dir, mode=mode)
     table = wandb.Table(columns=["recipe", "val/map", "val/map_50", "minutes"])
     for name, r in results.items():

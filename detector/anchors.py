@@ -37,7 +37,9 @@ def kmeans_anchors(wh: Tensor, k: int = 9, iters: int = 100, seed: int = 0) -> T
         if torch.equal(new, assign):
             break
         assign = new
-        centres = torch.stack([wh[assign == i].median(0).values if (assign == i).any() else centres[i] for i in range(k)])
+        centres = torch.stack(
+            [wh[assign == i].median(0).values if (assign == i).any() else centres[i] for i in range(k)]
+        )
     return centres[centres.prod(1).argsort()]
 
 

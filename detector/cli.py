@@ -17,7 +17,6 @@ from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI
 
 from . import losses
-
 from .data import DetectionDataModule
 from .models import PRESETS
 from .module import DetectorModule
@@ -29,6 +28,7 @@ class DetectorCLI(LightningCLI):
     """LightningCLI that links the data's class names to the model and reports user mistakes in one line."""
 
     def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 (jsonargparse parser)
+        """Link ``data.class_names`` to ``model.class_names`` once the datamodule is instantiated."""
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
 
     def parse_arguments(self, parser, args) -> None:  # noqa: ANN001 (jsonargparse types)
@@ -43,6 +43,7 @@ class DetectorCLI(LightningCLI):
             sys.exit(2)
 
     def instantiate_classes(self) -> None:
+        """Instantiate as LightningCLI does; our argument checks' ValueError/FileNotFoundError exit 2 with one line."""
         try:
             super().instantiate_classes()
         except (ValueError, FileNotFoundError) as err:  # raised by our argument checks: a user mistake

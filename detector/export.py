@@ -45,28 +45,32 @@ class DecodedYOLO(nn.Module):
         if image_size <= 0 or image_size % 32:
             raise ValueError(f"image_size must be a positive multiple of 32, got {image_size}")
         self.model, self.nms = model, nms
-        self.conf_thresh, self.nms_iou, self.max_det, self.max_candidates = conf_thresh, nms_iou, max_det, max_candidates
+        self.conf_thresh, self.nms_iou = conf_thresh, nms_iou
+        self.max_det, self.max_candidates = max_det, max_candidates
         shapes = [(image_size // s, image_size // s) for s in model.strides]
-        anchors: Tensor = model.anchors  # type: ignore[assignment]  # a registered buffer
-        cells, anchor_wh, steps = anchor_grid(shapes, anchors, model.strides)  # (N, 2), (N, 2), (N, 1)
+        cells, anchor_wh, steps = anchor_grid(shapes, model.anchors, model.strides)  # (N, 2), (N, 2), (N, 1)
         self.register_buffer("cells", cells, persistent=False)
         self.register_buffer("anchor_wh", anchor_wh, persistent=False)
         self.register_buffer("steps", steps, persistent=False)
 
     def decoded(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """``images [B, 3, S, S]`` -> ``boxes [B, N, 4]`` xyxy input pixels, ``scores [B, N, C]`` (obj x class)."""
         raw = flatten_outputs(self.model(images)).float()  # (B, N, 5 + C)
         boxes = decode(raw, self.cells, self.anchor_wh, self.steps)  # (B, N, 4)
         scores = raw[..., 4:5].sigmoid() * raw[..., 5:].sigmoid()  # (B, N, C)
         return boxes, scores
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor] | Tensor:
+        """``(boxes [B, N, 4], scores [B, N, C])``; with ``nms`` the detections ``[K, 7]`` of :func:`nms_detections`."""
         boxes, scores = self.decoded(images)
         if not self.nms:
             return boxes, scores
         return nms_detections(boxes, scores, self.conf_thresh, self.nms_iou, self.max_det, self.max_candidates)
 
 
-def nms_detections(boxes: Tensor, scores: Tensor, conf_thresh: float, iou: float, max_det: int, max_candidates: int) -> Tensor:
+def nms_detections(
+    boxes: Tensor, scores: Tensor, conf_thresh: float, iou: float, max_det: int, max_candidates: int
+) -> Tensor:
     """``detector.ops.postprocess`` in exportable operations: ``boxes [B, N, 4]``, ``scores [B, N, C]`` ->
     ``[K, 7]`` (image, x1, y1, x2, y2, score, label), by image, then by descending score.
 
@@ -97,7 +101,9 @@ def load_detector(ckpt: str | Path) -> tuple[DetectorModule, int | None]:
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     state = torch.load(path, map_location="cpu", weights_only=True)
     if "state_dict" not in state or "hyper_parameters" not in state:
-        raise ValueError(f"{str(path)!r} is not a Lightning checkpoint of DetectorModule (no state_dict/hyper_parameters)")
+        raise ValueError(
+            f"{str(path)!r} is not a Lightning checkpoint of DetectorModule (no state_dict/hyper_parameters)"
+        )
     hp = state["hyper_parameters"]
     accepted = set(inspect.signature(DetectorModule).parameters) - {"weights", "loss", "compile", "channels_last"}
     module = DetectorModule(**{k: v for k, v in hp.items() if k in accepted})
@@ -129,11 +135,14 @@ def check_onnx(wrapper: DecodedYOLO, output: Path, images: Tensor) -> float:
         ref = wrapper(images)
     ref = [ref] if isinstance(ref, Tensor) else list(ref)
     if any(tuple(g.shape) != tuple(r.shape) for g, r in zip(got, ref)):
-        raise ValueError(f"onnxruntime shapes {[g.shape for g in got]} differ from PyTorch's {[tuple(r.shape) for r in ref]}")
+        raise ValueError(
+            f"onnxruntime shapes {[g.shape for g in got]} differ from PyTorch's {[tuple(r.shape) for r in ref]}"
+        )
     return max(float((torch.from_numpy(g) - r).abs().max()) if r.numel() else 0.0 for g, r in zip(got, ref))
 
 
 def main(argv: list[str] | None = None) -> Path:
+    """Command line: export ``--ckpt`` to ONNX, check it against PyTorch with onnxruntime, return the file written."""
     parser = argparse.ArgumentParser(description="Export a DetectorModule checkpoint to ONNX (decoding included).")
     parser.add_argument("--ckpt", required=True, help="Lightning checkpoint (.ckpt)")
     parser.add_argument("--format", default="onnx", choices=["onnx"])
@@ -159,9 +168,13 @@ def main(argv: list[str] | None = None) -> Path:
     output = Path(args.output) if args.output else Path(args.ckpt).with_suffix(".onnx")
     output.parent.mkdir(parents=True, exist_ok=True)
     export_onnx(wrapper, output, size, args.opset)
-    print(f"wrote {output} ({'detections [K, 7]' if args.nms else 'boxes [B, N, 4], scores [B, N, C]'}, input {size} px)")
+    print(
+        f"wrote {output} ({'detections [K, 7]' if args.nms else 'boxes [B, N, 4], scores [B, N, C]'}, input {size} px)"
+    )
     if args.check:
-        print(f"onnxruntime vs PyTorch: max abs difference {check_onnx(wrapper, output, torch.rand(2, 3, size, size)):.2e}")
+        print(
+            f"onnxruntime vs PyTorch: max abs difference {check_onnx(wrapper, output, torch.rand(2, 3, size, size)):.2e}"
+        )
     return output
 
 

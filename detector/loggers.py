@@ -68,10 +68,13 @@ class WandbLogger(_LightningWandbLogger):
         Path(save_dir).mkdir(parents=True, exist_ok=True)
         if kwargs.get("settings") is None:
             kwargs["settings"] = {"silent": True, "init_timeout": 30}
-        super().__init__(name=name, save_dir=save_dir, offline=offline, project=project, group=group, tags=tags, **kwargs)
+        super().__init__(
+            name=name, save_dir=save_dir, offline=offline, project=project, group=group, tags=tags, **kwargs
+        )
         self._log_model = log_model  # set here: Lightning refuses log_model offline, wandb records it for `wandb sync`
 
     def finalize(self, status: str) -> None:
+        """Close the run as Lightning does; offline, say where it was written and how to upload it."""
         super().finalize(status)
         if self._offline and self._experiment is not None:
             run_dir = Path(self._experiment.dir).parent

@@ -39,6 +39,8 @@ class ShardedMeanAveragePrecision(MeanAveragePrecision):
     Accepts the arguments of ``MeanAveragePrecision``; ``iou_type`` must be "bbox".
     """
 
+    image_ids: list[torch.Tensor]  # a list state added in __init__, one int64 [1] per image
+
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if tuple(self.iou_type) != ("bbox",):

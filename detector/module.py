@@ -8,6 +8,7 @@ from typing import Literal
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor
 from torchmetrics import MeanMetric
 from torchmetrics.detection import MeanAveragePrecision
@@ -106,11 +107,13 @@ class DetectorModule(L.LightningModule):
     @staticmethod
     def _make_metric() -> MeanAveragePrecision:
         # gathers unevenly sharded images under DDP (the evaluation sampler pads nothing)
-        return ShardedMeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="faster_coco_eval", class_metrics=True)
+        return ShardedMeanAveragePrecision(
+            box_format="xyxy", iou_type="bbox", backend="faster_coco_eval", class_metrics=True
+        )
 
     def forward(self, images: Tensor) -> list[Tensor]:
         """``images [B, 3, S, S]`` -> per scale ``[B, A, S/s, S/s, 5 + C]`` raw outputs."""
-        if self.hparams.channels_last:
+        if self.hparams["channels_last"]:
             images = images.contiguous(memory_format=torch.channels_last)
         return self.model(images)
 
@@ -118,7 +121,12 @@ class DetectorModule(L.LightningModule):
         """Raw outputs and detections (input pixels) for a batch of images."""
         outputs = self(images)
         dets = postprocess(
-            outputs, self.model.anchors, self.model.strides, self.hparams.conf_thresh, self.hparams.nms_iou, self.hparams.max_det
+            outputs,
+            self.model.anchors,
+            self.model.strides,
+            self.hparams["conf_thresh"],
+            self.hparams["nms_iou"],
+            self.hparams["max_det"],
         )
         return outputs, dets
 
@@ -145,9 +153,10 @@ class DetectorModule(L.LightningModule):
         # imported here: detector.callbacks imports the data and W&B stacks, which training needs not
         from .callbacks.ema import EMA
 
-        return [EMA(self.hparams.ema_decay, self.hparams.get("ema_warmup_steps", 200.0))]
+        return [EMA(self.hparams["ema_decay"], self.hparams.get("ema_warmup_steps", 200.0))]
 
     def on_train_start(self) -> None:
+        """Snapshot the buffers once on the training device; each step copies into it before the forward pass."""
         # after the move to the device: the snapshot holds the buffers the steps will write
         self._buffers_before = BufferSnapshot(self)
 
@@ -164,7 +173,9 @@ class DetectorModule(L.LightningModule):
             return self._nonfinite(targets, "loss")
         self.log_dict({f"train/{k}": losses[k] for k in ("loss_obj", "loss_cls", "loss_box")}, batch_size=len(images))
         self.log("train/loss", losses["loss"], prog_bar=True, batch_size=len(images))
-        self.log("lr", self.optimizers().param_groups[0]["lr"], batch_size=len(images))
+        opt = self.optimizers()
+        opt = opt[0] if isinstance(opt, list) else opt  # one optimizer (configure_optimizers)
+        self.log("lr", opt.param_groups[0]["lr"], batch_size=len(images))
         return losses["loss"]
 
     def _nonfinite(self, targets: list[dict[str, Tensor]], what: str) -> Tensor:
@@ -178,7 +189,7 @@ class DetectorModule(L.LightningModule):
         """
         step = self.trainer.global_step if self._trainer is not None else 0
         ids = [int(t["image_id"]) for t in targets]
-        if self.hparams.nonfinite == "stop":
+        if self.hparams["nonfinite"] == "stop":
             raise NonFiniteLossError(
                 f"non-finite {what} at global step {step} (epoch {self.current_epoch}); image ids of the batch: {ids}. "
                 "Lower the learning rate or fix these images, or set model.nonfinite=skip to skip such batches."
@@ -192,6 +203,7 @@ class DetectorModule(L.LightningModule):
         return torch.stack([p[(0,) * p.ndim] for p in self.parameters() if p.requires_grad]).sum() * 0.0
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Drop the gradients of a step that held a skipped non-finite batch, so the optimizer changes nothing."""
         if self._skip_update:  # a skipped batch in this step: no update at all
             optimizer.zero_grad(set_to_none=True)
             self._skip_update = False
@@ -207,6 +219,7 @@ class DetectorModule(L.LightningModule):
         checkpoint["nonfinite_skipped"] = self.nonfinite_skipped
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Resume the count of skipped non-finite batches."""
         self.nonfinite_skipped = int(checkpoint.get("nonfinite_skipped", 0))
 
     def _eval_step(self, batch: Batch, metric: MeanAveragePrecision, stage: str) -> None:
@@ -223,7 +236,13 @@ class DetectorModule(L.LightningModule):
             if "orig_boxes" in t:  # the annotation itself: exact, as COCO's own evaluation sees it
                 gts.append({"boxes": t["orig_boxes"], "labels": t["orig_labels"], "image_id": t["image_id"]})
             else:
-                gts.append({"boxes": unletterbox(t["boxes"], t["letterbox"], t["orig_size"]), "labels": t["labels"], "image_id": t["image_id"]})
+                gts.append(
+                    {
+                        "boxes": unletterbox(t["boxes"], t["letterbox"], t["orig_size"]),
+                        "labels": t["labels"],
+                        "image_id": t["image_id"],
+                    }
+                )
         metric.update(preds, gts)
 
     def _log_map(self, metric: MeanAveragePrecision, stage: str) -> None:
@@ -236,15 +255,19 @@ class DetectorModule(L.LightningModule):
         metric.reset()
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        """Detections and loss of one batch; ``val_map`` and ``val/loss`` accumulate them in original pixels."""
         self._eval_step(batch, self.val_map, "val")
 
     def on_validation_epoch_end(self) -> None:
+        """Log ``val/map`` and friends, per class too, and reset the metric."""
         self._log_map(self.val_map, "val")
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
+        """Detections and loss of one batch; ``test_map`` and ``test/loss`` accumulate them in original pixels."""
         self._eval_step(batch, self.test_map, "test")
 
     def on_test_epoch_end(self) -> None:
+        """Log ``test/map`` and friends, per class too, and reset the metric."""
         self._log_map(self.test_map, "test")
 
     def predict_step(self, batch: Batch, batch_idx: int) -> list[dict[str, Tensor]]:
@@ -256,25 +279,25 @@ class DetectorModule(L.LightningModule):
             for d, t in zip(dets, targets)
         ]
 
-    def configure_optimizers(self):  # noqa: ANN201 (Lightning's optimizer/scheduler dict)
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         """SGD (Nesterov) or AdamW; weight decay on conv weights only; warm-up then cosine, per step."""
         decay = [p for p in self.parameters() if p.ndim > 1]
         no_decay = [p for p in self.parameters() if p.ndim <= 1]
         hp = self.hparams
-        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        if hp.optimizer == "sgd":
-            opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=True)
+        groups = [{"params": decay, "weight_decay": hp["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
+        if hp["optimizer"] == "sgd":
+            opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=hp["lr"], momentum=hp["momentum"], nesterov=True)
         else:
-            opt = torch.optim.AdamW(groups, lr=hp.lr, betas=(hp.momentum, 0.999))
+            opt = torch.optim.AdamW(groups, lr=hp["lr"], betas=(hp["momentum"], 0.999))
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
-        warmup = max(int(hp.warmup_epochs * total / epochs), 1) if hp.warmup_epochs > 0 else 0
+        warmup = max(int(hp["warmup_epochs"] * total / epochs), 1) if hp["warmup_epochs"] > 0 else 0
 
         def factor(step: int) -> float:
             if step < warmup:
                 return (step + 1) / warmup
             t = min((step - warmup) / max(total - warmup, 1), 1.0)
-            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+            return hp["min_lr_ratio"] + (1 - hp["min_lr_ratio"]) * 0.5 * (1 + math.cos(math.pi * t))
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

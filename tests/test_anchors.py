@@ -17,7 +17,9 @@ def test_kmeans_recovers_known_clusters() -> None:
 
 def test_command_on_the_embedded_dataset(tmp_path, capsys) -> None:
     cfg = tmp_path / "small.yaml"
-    cfg.write_text(f"data:\n  root: {tmp_path / 'shapes'}\n  embedded: {{num_train: 20, num_val: 2}}\n  num_workers: 0\n")
+    cfg.write_text(
+        f"data:\n  root: {tmp_path / 'shapes'}\n  embedded: {{num_train: 20, num_val: 2}}\n  num_workers: 0\n"
+    )
     default = str(Path(__file__).resolve().parents[1] / "configs" / "default.yaml")
     anchors = main(["--config", default, "--config", str(cfg), "--k", "6", "--scales", "3"])
     out = capsys.readouterr().out
@@ -32,7 +34,9 @@ def test_training_warns_when_anchors_fit_badly(tmp_path) -> None:
     from detector.data import DetectionDataModule, ShapesConfig
     from detector.module import DetectorModule
 
-    dm = DetectionDataModule(root=str(tmp_path / "shapes"), embedded=ShapesConfig(num_train=8, num_val=2), num_workers=0, image_size=128)
+    dm = DetectionDataModule(
+        root=str(tmp_path / "shapes"), embedded=ShapesConfig(num_train=8, num_val=2), num_workers=0, image_size=128
+    )
     far = [[(900, 900)] * 3] * 3  # every anchor far larger than any box
     trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0)  # fmt: skip

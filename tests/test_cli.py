@@ -66,8 +66,17 @@ def test_predict_on_a_folder_maps_back_to_original_pixels(tmp_path: Path) -> Non
     detections of the COCO-split predict; ids are the sorted-folder indices and files are drawn full size."""
     import cv2
 
-    predict = ["predict", *_tiny(tmp_path), "--data.batch_size", "1", "--config", str(ROOT / "configs" / "predict_coco.yaml")]
-    ref = main([*predict, "--trainer.callbacks.init_args.output", str(tmp_path / "ref.json")])  # untrained weights, seed 0
+    predict = [
+        "predict",
+        *_tiny(tmp_path),
+        "--data.batch_size",
+        "1",
+        "--config",
+        str(ROOT / "configs" / "predict_coco.yaml"),
+    ]
+    ref = main(
+        [*predict, "--trainer.callbacks.init_args.output", str(tmp_path / "ref.json")]
+    )  # untrained weights, seed 0
     val = ref.datamodule.test_set.base
     folder = tmp_path / "folder"
     folder.mkdir()
@@ -85,9 +94,14 @@ def test_predict_on_a_folder_maps_back_to_original_pixels(tmp_path: Path) -> Non
         h, w = val.sizes[rows[name]]
         assert h != w or name == "b_first.jpg"  # at least the PNG is not square: the letterbox pads
         mine = sorted((d["score"], d["category_id"], d["bbox"]) for d in dets if d["image_id"] == image_id)
-        coco = sorted((d["score"], d["category_id"], d["bbox"]) for d in ref_dets if d["image_id"] == val.image_ids[rows[name]])
+        coco = sorted(
+            (d["score"], d["category_id"], d["bbox"]) for d in ref_dets if d["image_id"] == val.image_ids[rows[name]]
+        )
         assert len(mine) == len(coco) > 0
-        assert all(s == pytest.approx(t) and c == k and b == pytest.approx(q, abs=1e-3) for (s, c, b), (t, k, q) in zip(mine, coco))
+        assert all(
+            s == pytest.approx(t) and c == k and b == pytest.approx(q, abs=1e-3)
+            for (s, c, b), (t, k, q) in zip(mine, coco)
+        )
         boxes = torch.tensor([b for _, _, b in mine])  # xywh original pixels, inside the original image
         assert (boxes[:, :2] >= -1e-3).all() and (boxes[:, 0] + boxes[:, 2] <= w + 1e-3).all()
         assert (boxes[:, 1] + boxes[:, 3] <= h + 1e-3).all()
@@ -96,7 +110,9 @@ def test_predict_on_a_folder_maps_back_to_original_pixels(tmp_path: Path) -> Non
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
 
 
 @pytest.mark.parametrize(
@@ -126,7 +142,9 @@ def test_annotation_file_that_is_not_coco(tmp_path: Path) -> None:
 def test_misspelt_loss_class_is_one_line_with_a_suggestion(tmp_path: Path) -> None:
     proc = _run(*_tiny(tmp_path), "--model.loss.init_args.classification", "FocalLos")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines() == ["error: model.loss.classification: 'FocalLos' is not valid; did you mean FocalLoss?"]
+    assert proc.stderr.strip().splitlines() == [
+        "error: model.loss.classification: 'FocalLos' is not valid; did you mean FocalLoss?"
+    ]
 
 
 def test_print_config_resolves_layered_recipe(tmp_path: Path) -> None:

@@ -25,7 +25,16 @@ from detector.module import DetectorModule
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = [ROOT / "configs" / name for name in ("default.yaml", "trainer/ddp.yaml", "cluster/slurm.yaml")]
-LAUNCH_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "GROUP_RANK", "NODE_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+LAUNCH_VARS = (
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "RANK",
+    "LOCAL_RANK",
+    "GROUP_RANK",
+    "NODE_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+)
 SLURM_2X8 = {
     "SLURM_JOB_ID": "123456", "SLURM_JOB_NAME": "detector", "SLURM_NTASKS": "16", "SLURM_NTASKS_PER_NODE": "8",
     "SLURM_NNODES": "2", "SLURM_JOB_NUM_NODES": "2", "SLURM_NODELIST": "gpu[017-018]", "SLURM_GPUS_PER_NODE": "8",
@@ -35,7 +44,9 @@ SLURM_2X8 = {
 @contextmanager
 def _environ(extra: dict[str, str]) -> Iterator[None]:
     """The process environment without any launcher variable, plus ``extra``; restored afterwards."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_")) and k not in LAUNCH_VARS}
+    clean = {
+        k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_")) and k not in LAUNCH_VARS
+    }
     with mock.patch.dict(os.environ, {**clean, **extra}, clear=True):
         yield
 
@@ -112,7 +123,14 @@ def test_scripts_are_valid_bash(script: str) -> None:
 
 @pytest.mark.parametrize(
     "procs,batch,accumulate,lr",
-    [(16, 8, 1, "0.02"), (8, 8, 1, "0.01"), (2, 8, 4, "0.01"), (1, 8, 8, "0.01"), (3, 8, 3, "0.01125"), (1, 64, 1, "0.01")],
+    [
+        (16, 8, 1, "0.02"),
+        (8, 8, 1, "0.01"),
+        (2, 8, 4, "0.01"),
+        (1, 8, 8, "0.01"),
+        (3, 8, 3, "0.01125"),
+        (1, 64, 1, "0.01"),
+    ],
 )
 def test_batch_rule(procs: int, batch: int, accumulate: int, lr: str) -> None:
     cmd = f"source {ROOT}/scripts/batch_rule.sh && batch_rule_args {procs} {batch} 64 0.01"
@@ -121,12 +139,22 @@ def test_batch_rule(procs: int, batch: int, accumulate: int, lr: str) -> None:
 
 
 def test_batch_rule_rejects_bad_input() -> None:
-    proc = subprocess.run(["bash", "-c", f"source {ROOT}/scripts/batch_rule.sh && batch_rule_args 0 8 64 0.01"], capture_output=True, text=True)
+    proc = subprocess.run(
+        ["bash", "-c", f"source {ROOT}/scripts/batch_rule.sh && batch_rule_args 0 8 64 0.01"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and "positive integers" in proc.stderr
 
 
 def test_sbatch_command_and_resume(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    env = {**SLURM_2X8, "SLURM_SUBMIT_DIR": str(ROOT), "SLURM_NTASKS_PER_NODE": "8(x2)", "SLURM_GPUS_PER_NODE": "h100:8", "SLURM_CPUS_PER_TASK": "8"}
+    env = {
+        **SLURM_2X8,
+        "SLURM_SUBMIT_DIR": str(ROOT),
+        "SLURM_NTASKS_PER_NODE": "8(x2)",
+        "SLURM_GPUS_PER_NODE": "h100:8",
+        "SLURM_CPUS_PER_TASK": "8",
+    }
     proc = _run_script(tmp_path, "scripts/slurm/train.sbatch", env, "--trainer.max_epochs", "3")
     assert proc.returncode == 0, proc.stderr
     args = (tmp_path / "srun.args").read_text().splitlines()
@@ -158,7 +186,13 @@ def test_sbatch_refuses_tasks_that_are_not_one_per_gpu(tmp_path: Path) -> None:
 
 
 def test_torchrun_command(tmp_path: Path) -> None:
-    env = {"RUN_ID": "exp1", "NNODES": "2", "NPROC": "8", "RDZV_HOST": "node0", "TORCHRUN": str(tmp_path / "bin" / "torchrun")}
+    env = {
+        "RUN_ID": "exp1",
+        "NNODES": "2",
+        "NPROC": "8",
+        "RDZV_HOST": "node0",
+        "TORCHRUN": str(tmp_path / "bin" / "torchrun"),
+    }
     proc = _run_script(tmp_path, "scripts/torchrun.sh", env, "--trainer.max_epochs", "3")
     assert proc.returncode == 0, proc.stderr
     args = (tmp_path / "torchrun.args").read_text().splitlines()

@@ -88,7 +88,12 @@ def test_conversions_are_benign_and_exact(tmp_path):
     rgb16[...] = (257 * 10, 257 * 200, 65535)  # BGR order on disk
     bgra = np.zeros((4, 6, 4), np.uint8)
     bgra[...] = (30, 20, 10, 0)  # fully transparent: the colour is kept, not composited
-    files = {"g.png": _png(np.full((4, 6), 77, np.uint8)), "g16.png": _png(gray16), "c16.png": _png(rgb16), "a.png": _png(bgra)}
+    files = {
+        "g.png": _png(np.full((4, 6), 77, np.uint8)),
+        "g16.png": _png(gray16),
+        "c16.png": _png(rgb16),
+        "a.png": _png(bgra),
+    }
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # benign only: no warning
         ds = _coco(tmp_path, files, [(k, f, 4, 6) for k, f in enumerate(files)], [(0, 1, [-2, 1, 5, 10])], strict=True)
@@ -112,7 +117,12 @@ def test_clipping_gives_exact_numbers():
 
 
 def test_trailing_bytes_after_jpeg_end_are_not_truncation(tmp_path):
-    ds = _coco(tmp_path, {"good.png": GOOD, "pad.jpg": _jpg(NOISE) + b"\x00" * 50}, [OK_IMAGE, (2, "pad.jpg", 64, 64)], [OK_BOX])
+    ds = _coco(
+        tmp_path,
+        {"good.png": GOOD, "pad.jpg": _jpg(NOISE) + b"\x00" * 50},
+        [OK_IMAGE, (2, "pad.jpg", 64, 64)],
+        [OK_BOX],
+    )
     assert len(ds) == 2 and ds.report.problems == {}
 
 
@@ -145,7 +155,9 @@ def test_a_file_failing_at_load_time_is_replaced_by_the_next(tmp_path):
 
 
 def test_nothing_usable_is_an_error_even_when_not_strict(tmp_path):
-    with pytest.raises(ValueError, match=r"(?s)no usable image \(check the paths\).*0 of 2 images kept.*missing_file=2"):
+    with pytest.raises(
+        ValueError, match=r"(?s)no usable image \(check the paths\).*0 of 2 images kept.*missing_file=2"
+    ):
         _coco(tmp_path, {}, [OK_IMAGE, (2, "gone.png", H, W)], [OK_BOX])
 
 
@@ -173,7 +185,15 @@ def test_yolo_bad_lines_nan_and_class_ids(tmp_path):
     for stem in ("a", "b", "c"):
         (tmp_path / "images" / f"{stem}.png").write_bytes(GOOD)
     (tmp_path / "labels" / "c.txt").write_bytes(b"\xff\xfe\x00binary")  # counted, image kept as a negative
-    lines = ["0 0.5 0.5 0.5 0.5", "2 0.5 0.5 0.1 0.1", "-1 0.5 0.5 0.1 0.1", "0 nan 0.5 0.1 0.1", "0 0.5 0.5", "x 1 1 1 1", "0.5 0.5 0.5 0.1 0.1"]
+    lines = [
+        "0 0.5 0.5 0.5 0.5",
+        "2 0.5 0.5 0.1 0.1",
+        "-1 0.5 0.5 0.1 0.1",
+        "0 nan 0.5 0.1 0.1",
+        "0 0.5 0.5",
+        "x 1 1 1 1",
+        "0.5 0.5 0.5 0.1 0.1",
+    ]
     (tmp_path / "labels" / "a.txt").write_text("\n".join(lines))
     (tmp_path / "d.yaml").write_text(yaml.safe_dump({"train": "images", "names": ["p", "q"]}))
     with pytest.warns(UserWarning, match="problems: bad_annotation=4, box_nonfinite=1, class_out_of_range=2"):
@@ -190,7 +210,9 @@ def test_voc_bad_and_missing_xml(tmp_path):
     for stem in ("1", "2", "3"):
         (tmp_path / "JPEGImages" / f"{stem}.jpg").write_bytes(_jpg(NOISE))
     box = "<bndbox><xmin>1</xmin><ymin>1</ymin><xmax>8</xmax><ymax>8</ymax></bndbox>"
-    (tmp_path / "Annotations" / "1.xml").write_text(f"<annotation><object><name>cat</name>{box}</object><object><name>dog</name></object></annotation>")
+    (tmp_path / "Annotations" / "1.xml").write_text(
+        f"<annotation><object><name>cat</name>{box}</object><object><name>dog</name></object></annotation>"
+    )
     (tmp_path / "Annotations" / "2.xml").write_text("<annotation><object>")
     (tmp_path / "ImageSets/Main/train.txt").write_text("1\n2\n3\n")
     with pytest.warns(UserWarning, match="missing_file=1, bad_annotation=2"):

@@ -113,7 +113,10 @@ def test_missing_image_file_is_skipped_and_named(tmp_path):
 
 
 def test_unknown_category_in_annotation_is_counted(tmp_path):
-    coco = {**COCO, "annotations": COCO["annotations"] + [{"id": 9, "image_id": 10, "category_id": 5, "bbox": [0, 0, 2, 2]}]}
+    coco = {
+        **COCO,
+        "annotations": COCO["annotations"] + [{"id": 9, "image_id": 10, "category_id": 5, "bbox": [0, 0, 2, 2]}],
+    }
     with pytest.warns(UserWarning, match="class_out_of_range=1"):
         ds = CocoDetection(*_write(tmp_path, coco))
     np.testing.assert_array_equal(ds.labels[0], [1, 2])  # the category-5 box is dropped

@@ -76,7 +76,9 @@ def three_formats(tmp_path_factory) -> dict[str, Path]:
         write_yolo(coco, root / split, base / "yolo", split)
         write_voc(coco, root / split, base / "voc", split)
     names = dict(enumerate(c["name"] for c in sorted(coco["categories"], key=lambda c: c["id"])))
-    (base / "yolo" / "data.yaml").write_text(yaml.safe_dump({"path": ".", "train": "images/train", "val": "images/val", "names": names}))
+    (base / "yolo" / "data.yaml").write_text(
+        yaml.safe_dump({"path": ".", "train": "images/train", "val": "images/val", "names": names})
+    )
     return {"coco": root, "yolo": base / "yolo", "voc": base / "voc"}
 
 
@@ -89,7 +91,9 @@ def test_all_formats_read_the_same_boxes(three_formats, split):
     assert len(coco) == len(yolo) == len(voc) == n
     assert coco.class_names == yolo.class_names == list(SHAPES_CLASSES)
     raw = _coco(three_formats["coco"], split)
-    present = {c["id"]: c["name"] for c in raw["categories"] if any(a["category_id"] == c["id"] for a in raw["annotations"])}
+    present = {
+        c["id"]: c["name"] for c in raw["categories"] if any(a["category_id"] == c["id"] for a in raw["annotations"])
+    }
     assert voc.class_names == sorted(present.values())  # from the XMLs' <name>s, sorted
     assert coco.category_ids == [1, 2, 3, 5, 8] and yolo.category_ids == [0, 1, 2, 3, 4]
     assert voc.category_ids == list(range(len(present)))
@@ -111,11 +115,15 @@ def test_all_formats_read_the_same_boxes(three_formats, split):
 def test_val_takes_the_training_mapping(three_formats):
     for fmt in ("coco", "yolo", "voc"):
         train = open_dataset(fmt, three_formats[fmt], "train")
-        val = open_dataset(fmt, three_formats[fmt], "val", category_ids=train.category_ids, class_names=train.class_names)
+        val = open_dataset(
+            fmt, three_formats[fmt], "val", category_ids=train.category_ids, class_names=train.class_names
+        )
         assert (val.class_names, val.category_ids) == (train.class_names, train.category_ids)
     voc = VocDetection(three_formats["voc"], "val", class_names=list(SHAPES_CLASSES))  # explicit list, COCO order
     coco = open_dataset("coco", three_formats["coco"], "val")
-    assert [voc[i]["labels"].tolist() for i in range(len(voc))] == [coco[i]["labels"].tolist() for i in range(len(coco))]
+    assert [voc[i]["labels"].tolist() for i in range(len(voc))] == [
+        coco[i]["labels"].tolist() for i in range(len(coco))
+    ]
 
 
 def test_yolo_yaml_variants(three_formats, tmp_path):
@@ -160,7 +168,12 @@ def test_voc_difficult_objects_and_edges(tmp_path):
         (tmp_path / d).mkdir(parents=True)
     cv2.imwrite(str(tmp_path / "JPEGImages" / "2008_000123.jpg"), np.zeros((20, 30, 3), np.uint8))
     obj = "<object><name>{}</name><difficult>{}</difficult><bndbox><xmin>{}</xmin><ymin>1</ymin><xmax>30</xmax><ymax>20</ymax></bndbox></object>"
-    xml = "<annotation><size><width>30</width><height>20</height></size>" + obj.format("dog", 0, 1) + obj.format("cat", 1, 11) + "</annotation>"
+    xml = (
+        "<annotation><size><width>30</width><height>20</height></size>"
+        + obj.format("dog", 0, 1)
+        + obj.format("cat", 1, 11)
+        + "</annotation>"
+    )
     (tmp_path / "Annotations" / "2008_000123.xml").write_text(xml)
     (tmp_path / "ImageSets/Main/train.txt").write_text("2008_000123\n")
     ds = VocDetection(tmp_path)

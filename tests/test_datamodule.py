@@ -8,8 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from detector.ops.boxes import unletterbox
-
 from detector.data import (
     CocoDetection,
     DetectionDataModule,
@@ -20,6 +18,7 @@ from detector.data import (
     val_transforms,
 )
 from detector.data.transforms import PAD_VALUE, apply
+from detector.ops.boxes import unletterbox
 
 SIZE = 128
 SMALL = ShapesConfig(num_train=8, num_val=4, seed=1, min_size=96, max_size=160)
@@ -106,8 +105,13 @@ def test_train_transforms_drop_tiny_boxes_and_jitter_colour():
 def test_collate_contract_with_empty_target():
     sample = lambda n: (  # noqa: E731
         torch.full((3, 64, 64), 255, dtype=torch.uint8),
-        {"boxes": torch.ones(n, 4), "labels": torch.zeros(n, dtype=torch.int64), "image_id": torch.tensor(n),
-         "orig_size": torch.tensor([50, 70]), "letterbox": torch.tensor([0.9, 0.0, 9.5])},
+        {
+            "boxes": torch.ones(n, 4),
+            "labels": torch.zeros(n, dtype=torch.int64),
+            "image_id": torch.tensor(n),
+            "orig_size": torch.tensor([50, 70]),
+            "letterbox": torch.tensor([0.9, 0.0, 9.5]),
+        },
     )
     images, targets = collate([sample(2), sample(0)])
     assert images.dtype == torch.float32 and images.shape == (2, 3, 64, 64) and images.is_contiguous()
@@ -174,7 +178,11 @@ def test_workers_do_not_repeat_augmentations(shapes_root, tmp_path):
     coco["annotations"] = []
     (tmp_path / "same.json").write_text(json.dumps(coco))
     dm = DetectionDataModule(
-        root=str(shapes_root), train_annotations=str(tmp_path / "same.json"), image_size=SIZE, batch_size=1, num_workers=2
+        root=str(shapes_root),
+        train_annotations=str(tmp_path / "same.json"),
+        image_size=SIZE,
+        batch_size=1,
+        num_workers=2,
     )
     dm.setup("fit")
     loader = torch.utils.data.DataLoader(dm.train_set, batch_size=1, num_workers=2, collate_fn=collate)
@@ -209,5 +217,7 @@ def test_signature_is_cli_friendly(shapes_root):
 
     parser = ArgumentParser()
     parser.add_class_arguments(DetectionDataModule, "data")
-    cfg = parser.parse_args(["--data.root", str(shapes_root), "--data.embedded.num_train", "8", "--data.image_size", "128"])
+    cfg = parser.parse_args(
+        ["--data.root", str(shapes_root), "--data.embedded.num_train", "8", "--data.image_size", "128"]
+    )
     assert cfg.data.embedded.num_train == 8 and cfg.data.embedded.num_val == 200 and cfg.data.image_size == 128

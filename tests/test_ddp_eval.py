@@ -22,12 +22,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import free_port
 
 from detector.cli import main
 from detector.data import ShapesConfig, ensure_shapes
 from detector.metrics import ShardedMeanAveragePrecision
 from detector.module import MAP_KEYS
-from helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = str(ROOT / "configs" / "default.yaml")
@@ -44,7 +44,9 @@ def _args(root: Path, runs: Path, *extra: str) -> list[str]:
 
 def _train_py(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per process, as in _one_thread
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=240)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=240
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -66,9 +68,18 @@ def _images(n: int) -> list[tuple[dict[str, torch.Tensor], dict[str, torch.Tenso
         k, m = int(torch.randint(0, 6, (1,), generator=g)), 0 if i == 2 else int(torch.randint(1, 4, (1,), generator=g))
         gt = torch.rand(m, 2, generator=g) * 80
         gt = torch.cat([gt, gt + 10 + torch.rand(m, 2, generator=g) * 40], 1)
-        det = torch.cat([gt + torch.randn(m, 4, generator=g) * 3, torch.rand(k, 2, generator=g).repeat(1, 2) * 100 + torch.tensor([0, 0, 20, 20])])
+        det = torch.cat(
+            [
+                gt + torch.randn(m, 4, generator=g) * 3,
+                torch.rand(k, 2, generator=g).repeat(1, 2) * 100 + torch.tensor([0, 0, 20, 20]),
+            ]
+        )
         labels = torch.randint(0, 3, (m,), generator=g)
-        pred = {"boxes": det, "scores": torch.rand(m + k, generator=g), "labels": torch.cat([labels, torch.randint(0, 3, (k,), generator=g)])}
+        pred = {
+            "boxes": det,
+            "scores": torch.rand(m + k, generator=g),
+            "labels": torch.cat([labels, torch.randint(0, 3, (k,), generator=g)]),
+        }
         out.append((pred, {"boxes": gt, "labels": labels, "image_id": torch.tensor(100 + i)}))
     return out
 
@@ -81,7 +92,9 @@ def _tied_images() -> list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor
     out = []
     for i, (score, gt) in enumerate([(0.9, box), (0.5, box), (0.5, none)]):
         pred = {"boxes": box, "scores": torch.tensor([score]), "labels": torch.tensor([0])}
-        out.append((pred, {"boxes": gt, "labels": torch.zeros(len(gt), dtype=torch.int64), "image_id": torch.tensor(i)}))
+        out.append(
+            (pred, {"boxes": gt, "labels": torch.zeros(len(gt), dtype=torch.int64), "image_id": torch.tensor(i)})
+        )
     return out
 
 
@@ -89,7 +102,9 @@ SCENARIOS = {"7 images": lambda: _images(7), "1 image": lambda: _images(1), "tie
 
 
 def _map(pairs: list) -> dict[str, torch.Tensor]:
-    metric = ShardedMeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="faster_coco_eval", class_metrics=True)
+    metric = ShardedMeanAveragePrecision(
+        box_format="xyxy", iou_type="bbox", backend="faster_coco_eval", class_metrics=True
+    )
     for pred, gt in pairs:
         metric.update([pred], [gt])
     return metric.compute()
@@ -154,13 +169,17 @@ def test_two_process_validation_equals_one_process(tmp_path: Path) -> None:
     main(_args(root, tmp_path / "fit", "--data.batch_size", "4", "--trainer.max_epochs", "1", "--trainer.logger", "false",
                "--trainer.check_val_every_n_epoch", "1", "--trainer.limit_val_batches", "1"))  # fmt: skip
     ckpt = str(next((tmp_path / "fit").rglob("last.ckpt")))
-    evaluate = _args(root, tmp_path / "eval", "--data.batch_size", "2", "--ckpt_path", ckpt, "--trainer.logger", "false")
+    evaluate = _args(
+        root, tmp_path / "eval", "--data.batch_size", "2", "--ckpt_path", ckpt, "--trainer.logger", "false"
+    )
     main(["predict", *evaluate, "--config", str(ROOT / "configs" / "predict_coco.yaml"),
           "--trainer.callbacks.init_args.output", str(tmp_path / "dets.json")])  # fmt: skip
     assert _label_with_detections(root, tmp_path / "dets.json") == 13  # 1 + 2 + 3 + 1 + 2 + 3 + 1 over 7 images
     single = {k: float(v) for k, v in main(["validate", *evaluate]).trainer.callback_metrics.items()}
     assert 0.1 < single["val/map_50"] < 0.99, single  # far from 0 and 1: a dropped or repeated image changes it
-    csv_logger = json.dumps({"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path / "csv")}})
+    csv_logger = json.dumps(
+        {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path / "csv")}}
+    )
     proc = _train_py("validate", *evaluate, *DDP, "--trainer.logger", csv_logger, cwd=tmp_path)
     assert "Starting with 2 processes" in proc.stderr
     double = _csv_metrics(tmp_path / "csv")

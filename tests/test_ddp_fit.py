@@ -22,11 +22,15 @@ def test_two_process_ddp_fit(tmp_path: Path) -> None:
         "--data.num_workers", "0", "--data.root", str(tmp_path / "shapes"), "--data.embedded.num_train", "8",
         "--data.embedded.num_val", "4", "--data.image_size", "128", "--data.batch_size", "2",
     ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)  # WANDB_MODE=offline (conftest)
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600
+    )  # WANDB_MODE=offline (conftest)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Starting with 2 processes" in proc.stderr and "val/map" in proc.stdout
     assert len(list((runs / "wandb").glob("offline-run-*"))) == 1  # one W&B run for the job
     ckpts = list(runs.rglob("*.ckpt"))
-    assert len(ckpts) == 2 and {p.parent for p in ckpts} == {runs / "detector" / ckpts[0].parent.parent.name / "checkpoints"}
+    assert len(ckpts) == 2 and {p.parent for p in ckpts} == {
+        runs / "detector" / ckpts[0].parent.parent.name / "checkpoints"
+    }
     assert "last.ckpt" in {p.name for p in ckpts}  # one best + last, in the W&B run's folder
     assert len(list(tmp_path.rglob("config.yaml"))) == 1

@@ -13,13 +13,16 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import free_port
 
 from detector.losses import load_recipe
-from helpers import free_port
 
 WORLD = 2
 RECIPES = sorted(Path(__file__).resolve().parents[1].glob("configs/losses/*.yaml"))
-ANCHORS = torch.tensor([[(10, 13), (16, 30), (33, 23)], [(30, 61), (62, 45), (59, 119)], [(116, 90), (156, 198), (373, 326)]]) / 3.0
+ANCHORS = (
+    torch.tensor([[(10, 13), (16, 30), (33, 23)], [(30, 61), (62, 45), (59, 119)], [(116, 90), (156, 198), (373, 326)]])
+    / 3.0
+)
 STRIDES = [8, 16, 32]
 
 

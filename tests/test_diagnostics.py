@@ -63,7 +63,16 @@ def test_weights_positives_per_scale_and_per_image_histogram() -> None:
     # a second batch of two images: positives at rows 0 (scale 0), 3 and 2 (scale 1); image 0 holds two
     obj = tuple(torch.cat([t, t]) for t in batch["obj"])
     cls, box = tuple(torch.cat([t] * 3) for t in batch["cls"]), torch.cat([batch["box"]] * 3)
-    stats.update(**{**batch, "obj": obj, "cls": cls, "box": box, "images": torch.tensor([0, 0, 1]), "rows": torch.tensor([0, 3, 2])})
+    stats.update(
+        **{
+            **batch,
+            "obj": obj,
+            "cls": cls,
+            "box": box,
+            "images": torch.tensor([0, 0, 1]),
+            "rows": torch.tensor([0, 3, 2]),
+        }
+    )
     assert stats.positives.tolist() == [2.0, 2.0]
     assert stats.images.item() == 3.0
     assert stats.per_image.tolist() == [0.0, 3.0]  # 1, 2 (capped at max_positives - 1 = 1), 1 positives
@@ -138,10 +147,14 @@ def test_callback_logs_shares_that_match_the_logged_loss(tmp_path: Path) -> None
     assert diag["diag/loss_share/obj_pos"] + diag["diag/loss_share/obj_neg"] == pytest.approx(obj_share, rel=1e-5)
     assert diag["diag/loss_share/box"] == pytest.approx(box_share, rel=1e-5)
     assert diag["diag/loss_share/pos"] + diag["diag/loss_share/neg"] + diag["diag/loss_share/box"] == pytest.approx(1.0)
-    assert diag["diag/loss_share/easy"] + diag["diag/loss_share/hard"] + diag["diag/loss_share/box"] == pytest.approx(1.0)
+    assert diag["diag/loss_share/easy"] + diag["diag/loss_share/hard"] + diag["diag/loss_share/box"] == pytest.approx(
+        1.0
+    )
     # positives do not depend on the weights (darknet's assignment is by box shape): count them directly
     crit = YOLOLoss()
-    n_pos = sum(float(crit(module.model(im), t, module.model.anchors, module.model.strides)["num_pos"]) for im, t in batches)
+    n_pos = sum(
+        float(crit(module.model(im), t, module.model.anchors, module.model.strides)["num_pos"]) for im, t in batches
+    )
     assert diag["diag/pos_per_image"] == pytest.approx(n_pos / 6)
     per_scale = sum(diag[f"diag/pos_per_image/stride{s}"] for s in module.model.strides)
     assert per_scale == pytest.approx(diag["diag/pos_per_image"])

@@ -23,7 +23,10 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with torch.no_grad():  # spread the scores so that NMS and the max_det cap both act
         module.model.heads[-1][-1].bias.normal_(0, 2)
     path = tmp_path_factory.mktemp("export") / "model.ckpt"
-    state = {**module.state_dict(), "criterion.objectness.acc": torch.ones(30)}  # a stateful loss's buffer: not exported
+    state = {
+        **module.state_dict(),
+        "criterion.objectness.acc": torch.ones(30),
+    }  # a stateful loss's buffer: not exported
     torch.save({"state_dict": state, "hyper_parameters": dict(module.hparams),
                 "datamodule_hyper_parameters": {"image_size": SIZE}}, path)  # fmt: skip
     return path

@@ -6,15 +6,14 @@ on the whole batch (so their mean times the world size does), and the gradients 
 process's rows must equal the corresponding rows of the single-process gradients.
 """
 
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import free_port
 
 from detector.losses import BCE, CARL, GHMC, ISR, BoxSet, GIoULoss, SampleInfo
 from detector.ops.dist import all_reduce_sum
-from helpers import free_port
 
 WORLD = 2
 IMAGES, ROWS_PER_IMAGE = 4, 9  # rank 0 holds images 0-1, rank 1 images 2-3

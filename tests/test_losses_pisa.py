@@ -103,7 +103,13 @@ def test_isr_weights_carry_no_gradient():
 # ISR-N example: two images. Image 0: b0 (.9) and b1 (.8) overlap (IoU 90/110 > .5), b2 (.7) and b4 (.3)
 # overlap; image 1: b3 (.6) has b0's coordinates but another image. b5 scores .04 (below .05), b6 is a positive.
 BOXES = [
-    [0, 0, 10, 10], [1, 0, 11, 10], [20, 20, 30, 30], [0, 0, 10, 10], [21, 20, 31, 30], [0, 0, 10, 10], [0, 0, 5, 5]
+    [0, 0, 10, 10],
+    [1, 0, 11, 10],
+    [20, 20, 30, 30],
+    [0, 0, 10, 10],
+    [21, 20, 31, 30],
+    [0, 0, 10, 10],
+    [0, 0, 5, 5],
 ]
 SCORES = [0.9, 0.8, 0.7, 0.6, 0.3, 0.04, 0.5]
 IMAGES = [0, 0, 0, 1, 0, 0, 0]

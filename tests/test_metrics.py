@@ -11,12 +11,16 @@ from detector.ops.boxes import anchor_grid, encode
 SIZE = 128
 
 
-def _outputs(module: DetectorModule, pred_boxes: list[torch.Tensor], labels: list[torch.Tensor], obj: list[float]) -> list[torch.Tensor]:
+def _outputs(
+    module: DetectorModule, pred_boxes: list[torch.Tensor], labels: list[torch.Tensor], obj: list[float]
+) -> list[torch.Tensor]:
     """Raw outputs whose only confident predictions are ``pred_boxes`` (input pixels) with ``labels``,
     objectness logit ``obj[i]`` in image i."""
     model = module.model
     shapes = [(SIZE // s, SIZE // s) for s in model.strides]
-    gt = GroundTruth.from_targets([{"boxes": b, "labels": l} for b, l in zip(pred_boxes, labels)], torch.device("cpu"))
+    gt = GroundTruth.from_targets(
+        [{"boxes": b, "labels": lab} for b, lab in zip(pred_boxes, labels)], torch.device("cpu")
+    )
     b, r, g = assign(gt, model.anchors, model.strides, shapes)
     assert len(g) == len(gt.boxes), "test boxes collide on one anchor"
     cells, anchor_wh, steps = anchor_grid(shapes, model.anchors, model.strides)
@@ -37,8 +41,14 @@ def _evaluate(gt_boxes, gt_labels, pred_boxes, pred_labels, letterbox=(0.5, 0.0,
     outs = _outputs(module, pred_boxes, pred_labels, obj or [12.0] * len(pred_boxes))
     module.model.forward = lambda images: outs  # type: ignore[method-assign]
     targets = [
-        {"boxes": b, "labels": l, "letterbox": torch.tensor(letterbox), "orig_size": torch.tensor([192, 256]), "image_id": torch.tensor(i)}
-        for i, (b, l) in enumerate(zip(gt_boxes, gt_labels))
+        {
+            "boxes": b,
+            "labels": lab,
+            "letterbox": torch.tensor(letterbox),
+            "orig_size": torch.tensor([192, 256]),
+            "image_id": torch.tensor(i),
+        }
+        for i, (b, lab) in enumerate(zip(gt_boxes, gt_labels))
     ]
     with torch.no_grad():
         module.criterion.forward = lambda *a, **k: {"loss": torch.tensor(0.0)}  # type: ignore[method-assign]

@@ -108,7 +108,7 @@ def test_checkpoint_with_nonfinite_weights_is_not_written(tmp_path: Path) -> Non
     assert not (tmp_path / "bad.ckpt").exists()
 
 
-DDP_SCRIPT = '''
+DDP_SCRIPT = """
 import sys, lightning as L, torch
 from detector.data import DetectionDataModule
 from detector.data.shapes import ShapesConfig
@@ -130,7 +130,7 @@ trainer.fit(model, dm)
 torch.save({"skipped": model.nonfinite_skipped, "params": dict(model.named_parameters()),
             "state": model.state_dict(), "step": trainer.global_step},
            f"{out}/rank{trainer.global_rank}.pt")
-'''
+"""
 
 
 def test_ddp_processes_agree_to_skip(tmp_path: Path) -> None:
@@ -138,7 +138,13 @@ def test_ddp_processes_agree_to_skip(tmp_path: Path) -> None:
     script = tmp_path / "ddp_skip.py"
     script.write_text(DDP_SCRIPT)
     root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": root, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": root,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "OMP_NUM_THREADS": "1",
+    }
     proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, env=env,
                           timeout=300, check=False)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -7,19 +7,27 @@ from detector.ops.assign import GroundTruth, assign
 from detector.ops.boxes import anchor_grid, batched_box_iou, decode, encode, unletterbox, wh_iou
 from detector.ops.postprocess import postprocess
 
-ANCHORS = torch.tensor([[(10, 13), (16, 30), (33, 23)], [(30, 61), (62, 45), (59, 119)], [(116, 90), (156, 198), (373, 326)]], dtype=torch.float32)
+ANCHORS = torch.tensor(
+    [[(10, 13), (16, 30), (33, 23)], [(30, 61), (62, 45), (59, 119)], [(116, 90), (156, 198), (373, 326)]],
+    dtype=torch.float32,
+)
 STRIDES = [8, 16, 32]
 SHAPES = [(40, 40), (20, 20), (10, 10)]  # a 320 x 320 input
 
 
 def _gt(*boxes_per_image: list[list[float]]) -> GroundTruth:
-    targets = [{"boxes": torch.tensor(b, dtype=torch.float32).reshape(-1, 4), "labels": torch.arange(len(b))} for b in boxes_per_image]
+    targets = [
+        {"boxes": torch.tensor(b, dtype=torch.float32).reshape(-1, 4), "labels": torch.arange(len(b))}
+        for b in boxes_per_image
+    ]
     return GroundTruth.from_targets(targets, torch.device("cpu"))
 
 
 def test_wh_iou_closed_form() -> None:
     # 30x30 against 33x23: inter 30*23 = 690, union 900 + 759 - 690 = 969.
-    assert math.isclose(wh_iou(torch.tensor([[30.0, 30.0]]), torch.tensor([[33.0, 23.0]])).item(), 690 / 969, rel_tol=1e-6)
+    assert math.isclose(
+        wh_iou(torch.tensor([[30.0, 30.0]]), torch.tensor([[33.0, 23.0]])).item(), 690 / 969, rel_tol=1e-6
+    )
 
 
 def test_batched_box_iou_equals_torchvision() -> None:

@@ -22,7 +22,9 @@ def root(tmp_path_factory):
 
 
 def _datamodule(root, num_workers: int, seed: int = 7) -> DetectionDataModule:
-    dm = DetectionDataModule(root=str(root), embedded=TINY, image_size=64, batch_size=4, num_workers=num_workers, seed=seed)
+    dm = DetectionDataModule(
+        root=str(root), embedded=TINY, image_size=64, batch_size=4, num_workers=num_workers, seed=seed
+    )
     dm.setup("fit")
     return dm
 

@@ -64,7 +64,7 @@ def _picture(k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, 
 def _check_boxes_follow_pixels(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray) -> None:
     assert image.shape == (SIZE, SIZE, 3) and len(set(labels.tolist())) == len(labels)
     for c, colour in enumerate(COLOURS):
-        mask = (np.abs(image.astype(int) - colour).max(-1) < TOLERANCE)  # (S, S) pixels of object c
+        mask = np.abs(image.astype(int) - colour).max(-1) < TOLERANCE  # (S, S) pixels of object c
         if c not in labels:  # a visible object always keeps its box; a sliver may lose it
             assert mask.sum() < 16 or min(np.ptp(np.nonzero(mask)[0]), np.ptp(np.nonzero(mask)[1])) < 3, c
             continue
@@ -215,7 +215,8 @@ def test_cache_serves_what_decoding_gives(shapes_root):
 
 def test_cached_datamodule_gives_the_same_batches(shapes_root):
     plain, cached = (
-        DetectionDataModule(root=str(shapes_root), image_size=SIZE, batch_size=4, num_workers=0, cache=c) for c in (False, True)
+        DetectionDataModule(root=str(shapes_root), image_size=SIZE, batch_size=4, num_workers=0, cache=c)
+        for c in (False, True)
     )
     for dm in (plain, cached):
         dm.setup("fit")

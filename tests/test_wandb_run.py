@@ -147,7 +147,9 @@ def test_images_with_boxes(run: dict) -> None:
         assert [b["class_id"] for b in gt["box_data"]] == target["labels"].tolist()
         assert gt["class_labels"] == names
         preds = json.loads((run["files"] / layers["predictions"]["path"]).read_text())
-        assert all(b["scores"]["score"] >= 0.1 and b["box_caption"].split()[0] in names.values() for b in preds["box_data"])
+        assert all(
+            b["scores"]["score"] >= 0.1 and b["box_caption"].split()[0] in names.values() for b in preds["box_data"]
+        )
 
 
 def test_per_class_table_and_histograms(run: dict) -> None:

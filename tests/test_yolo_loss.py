@@ -7,7 +7,10 @@ from detector.losses import BCE, BCEObjectness, ClassificationLoss, DarknetBoxLo
 from detector.losses.yolo_loss import YOLOLoss
 from detector.models import YOLOv3
 
-ANCHORS = torch.tensor([[(10, 13), (16, 30), (33, 23)], [(30, 61), (62, 45), (59, 119)], [(116, 90), (156, 198), (373, 326)]], dtype=torch.float32)
+ANCHORS = torch.tensor(
+    [[(10, 13), (16, 30), (33, 23)], [(30, 61), (62, 45), (59, 119)], [(116, 90), (156, 198), (373, 326)]],
+    dtype=torch.float32,
+)
 STRIDES = [8, 16, 32]
 
 
@@ -57,7 +60,10 @@ def test_closed_form_with_zero_logits() -> None:
 @pytest.mark.parametrize("mode,divisor", [("batch", 2), ("num_pos", 3), ("num_anchors", 2 * 6300)])
 def test_normalisation_modes(mode: str, divisor: int) -> None:
     targets = [
-        {"boxes": torch.tensor([[84.0, 44.0, 114.0, 74.0], [10.0, 10.0, 210.0, 160.0]]), "labels": torch.tensor([0, 1])},
+        {
+            "boxes": torch.tensor([[84.0, 44.0, 114.0, 74.0], [10.0, 10.0, 210.0, 160.0]]),
+            "labels": torch.tensor([0, 1]),
+        },
         {"boxes": torch.tensor([[100.0, 100.0, 160.0, 140.0]]), "labels": torch.tensor([1])},
     ]
     outs = _outputs(batch=2)
@@ -93,7 +99,11 @@ def test_finite_loss_and_gradient_to_every_parameter() -> None:
     out = YOLOLoss()(model(torch.rand(2, 3, 64, 64)), targets, model.anchors, model.strides)
     out["loss"].backward()
     assert torch.isfinite(out["loss"])
-    bad = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0]
+    bad = [
+        n
+        for n, p in model.named_parameters()
+        if p.grad is None or not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0
+    ]
     assert bad == []
 
 

@@ -53,7 +53,9 @@ class ImbalanceStats:
         device: torch.device | str | None = None,
     ) -> None:
         if bins < 1 or max_positives < 1 or not 0.0 < easy <= 1.0:
-            raise ValueError(f"need bins >= 1, max_positives >= 1 and 0 < easy <= 1; got {bins}, {max_positives}, {easy}")
+            raise ValueError(
+                f"need bins >= 1, max_positives >= 1 and 0 < easy <= 1; got {bins}, {max_positives}, {easy}"
+            )
         self.bins, self.easy, self.weights, self.softmax = bins, easy, weights, softmax
         sizes = [4 * bins, 8, 1, num_scales, 1, max_positives]
         dtype = torch.float32 if torch.device(device or "cpu").type == "mps" else torch.float64  # MPS has no float64
@@ -162,34 +164,50 @@ class ImbalanceDiagnostics(L.Callback):
         self._strides: list[int] = []
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Find the module's ``YOLOLoss``, whose recorder feeds the statistics; ValueError when it has none."""
         self._loss = next((m for m in pl_module.modules() if isinstance(m, YOLOLoss)), None)
         if self._loss is None:
-            raise ValueError(f"ImbalanceDiagnostics needs a YOLOLoss inside the LightningModule; {type(pl_module).__name__} has none")
+            raise ValueError(
+                f"ImbalanceDiagnostics needs a YOLOLoss inside the LightningModule; {type(pl_module).__name__} has none"
+            )
 
     def _record(self, **kwargs: Any) -> None:
         if self.stats is None:
             assert self._loss is not None
             softmax = isinstance(self._loss.classification, SoftmaxCrossEntropy)
             self.stats = ImbalanceStats(
-                len(kwargs["shapes"]), self.bins, self.easy, self._loss.weights, softmax, self.max_positives, kwargs["box"].device
+                len(kwargs["shapes"]),
+                self.bins,
+                self.easy,
+                self._loss.weights,
+                softmax,
+                self.max_positives,
+                kwargs["box"].device,
             )
         self._strides = list(kwargs["strides"])
         self.stats.update(**kwargs)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Drop last epoch's sums; the first recorded batch allocates fresh :class:`ImbalanceStats`."""
         self.stats = None
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """Attach the recorder to the loss so this batch's elements are binned by g."""
         if self._loss is not None:
             self._loss.recorder = self._record
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        """Detach the recorder: only training batches are recorded."""
         self._detach()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """Detach the recorder so a failed run leaves the loss as it found it."""
         self._detach()
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Detach the recorder when the stage ends."""
         self._detach()
 
     def _detach(self) -> None:
@@ -197,6 +215,7 @@ class ImbalanceDiagnostics(L.Callback):
             self._loss.recorder = None
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Sum the epoch's statistics over processes and log the ``diag/*`` scalars, plus the W&B histograms."""
         stats = self.stats
         if stats is None:
             return
@@ -213,7 +232,9 @@ def wandb_media(stats: ImbalanceStats) -> dict[str, Any]:
 
     edges = np.linspace(0.0, 1.0, stats.bins + 1)
     counts = stats.counts.cpu().numpy()
-    media: dict[str, Any] = {f"diag/g/{name}": wandb.Histogram(np_histogram=(counts[k], edges)) for k, name in enumerate(SPLITS)}
+    media: dict[str, Any] = {
+        f"diag/g/{name}": wandb.Histogram(np_histogram=(counts[k], edges)) for k, name in enumerate(SPLITS)
+    }
     per_image = stats.per_image.cpu().numpy()
     media["diag/positives_per_image"] = wandb.Histogram(np_histogram=(per_image, np.arange(len(per_image) + 1)))
     centres = (edges[:-1] + edges[1:]) / 2

@@ -58,7 +58,11 @@ class EMA(WeightAveraging):
     """
 
     def __init__(
-        self, decay: float = 0.999, warmup_steps: float = 200.0, update_every_n_steps: int = 1, device: str | None = None
+        self,
+        decay: float = 0.999,
+        warmup_steps: float = 200.0,
+        update_every_n_steps: int = 1,
+        device: str | None = None,
     ) -> None:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
@@ -79,9 +83,11 @@ class EMA(WeightAveraging):
             super().on_load_checkpoint(trainer, pl_module, checkpoint)
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Swap the averaged weights in for validation while fitting; outside fit the model already holds them."""
         if trainer.state.fn == TrainerFn.FITTING:
             super().on_validation_epoch_start(trainer, pl_module)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Swap the raw weights back after a validation while fitting; nothing to undo outside fit."""
         if trainer.state.fn == TrainerFn.FITTING:
             super().on_validation_epoch_end(trainer, pl_module)

@@ -16,6 +16,7 @@ class LearningRateMonitor(_LearningRateMonitor):
     (``--trainer.logger false``) instead of stopping the run."""
 
     def on_train_start(self, trainer: L.Trainer, *args: object, **kwargs: object) -> None:
+        """Lightning's set-up of the logged learning rates; skipped without a logger (Lightning's would raise)."""
         if trainer.loggers:
             super().on_train_start(trainer, *args, **kwargs)
 
@@ -38,10 +39,13 @@ class ThroughputMonitor(_ThroughputMonitor):
         batch_size_fn: images in a batch; :func:`images_in_batch` by default.
     """
 
-    def __init__(self, window_size: int = 20, batch_size_fn: Callable[[Any], int] = images_in_batch, **kwargs: Any) -> None:
+    def __init__(
+        self, window_size: int = 20, batch_size_fn: Callable[[Any], int] = images_in_batch, **kwargs: Any
+    ) -> None:
         super().__init__(batch_size_fn=batch_size_fn, window_size=window_size, **kwargs)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Lightning's setup, counting FLOPs only when the module defines ``flops_per_batch``."""
         super().setup(trainer, pl_module, stage)
         # FLOPs are optional: say nothing when the module does not define ``flops_per_batch``
         self._module_has_flops = hasattr(pl_module, "flops_per_batch")
@@ -59,15 +63,19 @@ class EpochTimer(L.Callback):
         self._val_total = 0.0  # validation time inside the current training epoch
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Start the epoch's clock and reset the validation time spent inside it."""
         self._train_start, self._val_total = time.perf_counter(), 0.0
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Log ``train/epoch_time``: the epoch's wall time less the validations run inside it."""
         _log(trainer, {"train/epoch_time": time.perf_counter() - self._train_start - self._val_total})
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Start the validation clock."""
         self._val_start = time.perf_counter()
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Log ``val/epoch_time`` (not for the sanity check) and add it to the epoch's validation time."""
         elapsed = time.perf_counter() - self._val_start
         self._val_total += elapsed
         if not trainer.sanity_checking:

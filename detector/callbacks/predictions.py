@@ -49,8 +49,12 @@ class CocoPredictionWriter(BasePredictionWriter):
         self.draw_dir = Path(draw_dir) if draw_dir is not None else None
         self.draw_thresh = draw_thresh
 
-    def write_on_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, predictions: Any, batch_indices: Any) -> None:
-        category_ids = self.category_ids or getattr(trainer.datamodule, "category_ids", None)
+    def write_on_epoch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, predictions: Any, batch_indices: Any
+    ) -> None:
+        """Write the predict epoch's detections (per batch, per image) as COCO results JSON; draw them if asked."""
+        datamodule = getattr(trainer, "datamodule", None)  # set by Lightning when run with a datamodule
+        category_ids = self.category_ids or getattr(datamodule, "category_ids", None)
         source = predict_source(trainer)
         file_names = source.file_names if isinstance(source, ImageFolder) else None  # image_id = row
         dets = [det for batch in predictions for det in batch]
@@ -73,32 +77,39 @@ class CocoPredictionWriter(BasePredictionWriter):
         output.write_text(json.dumps(results))
         rank_zero_info(f"{len(results)} detections written to {output}")
         if self.draw_dir is not None:
-            names = getattr(pl_module, "class_names", None) or getattr(trainer.datamodule, "class_names", None)
-            self._draw_all(source, dets, names)
+            names = getattr(pl_module, "class_names", None) or getattr(datamodule, "class_names", None)
+            self._draw_all(source, dets, names, self.draw_dir)
 
-    def _draw_all(self, source: Any, dets: list[dict], class_names: list[str] | None) -> None:
+    def _draw_all(self, source: Any, dets: list[dict], class_names: list[str] | None, draw_dir: Path) -> None:
         row_of = {int(image_id): row for row, image_id in enumerate(source.image_ids)}
         written: set[Path] = set()
         for det in dets:
             row = row_of[int(det["image_id"])]
             keep = det["scores"] >= self.draw_thresh
-            boxes, labels, scores = det["boxes"][keep].numpy(), det["labels"][keep].tolist(), det["scores"][keep].tolist()
+            boxes, labels, scores = (
+                det["boxes"][keep].numpy(),
+                det["labels"][keep].tolist(),
+                det["scores"][keep].tolist(),
+            )
             image = draw_detections(source.load_image(row), boxes, labels, scores, class_names)
             name = Path(source.file_names[row] if hasattr(source, "file_names") else source.paths[row].name)
-            path = self.draw_dir / name.with_suffix(".jpg")
+            path = draw_dir / name.with_suffix(".jpg")
             if path in written:  # a.png and a.jpg in one folder: keep both
-                path = self.draw_dir / f"{name}.jpg"
+                path = draw_dir / f"{name}.jpg"
             path.parent.mkdir(parents=True, exist_ok=True)
             cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
             written.add(path)
-        rank_zero_info(f"{len(written)} images with detections drawn written to {self.draw_dir}")
+        rank_zero_info(f"{len(written)} images with detections drawn written to {draw_dir}")
 
 
 def predict_source(trainer: L.Trainer) -> Any:
     """The raw dataset under the predict loader (``ImageFolder`` or a ``DetectionSource``): it has
     ``image_ids``, ``load_image(row)`` (original pixels) and ``file_names`` or ``paths``."""
     loaders = trainer.predict_dataloaders
-    dataset = (loaders[0] if isinstance(loaders, (list, tuple)) else loaders).dataset
+    loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+    if loader is None:
+        raise RuntimeError("predict_source needs the trainer's predict dataloader (call it from a predict hook)")
+    dataset = loader.dataset
     while not hasattr(dataset, "load_image") and hasattr(dataset, "base"):  # TransformedDataset, CachedImages
         dataset = dataset.base
     return dataset

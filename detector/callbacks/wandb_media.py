@@ -17,7 +17,9 @@ from torch import Tensor
 from ..loggers import log_to_wandb, wandb_run
 
 
-def box_data(boxes: Tensor, labels: Tensor, class_names: list[str], scores: Tensor | None = None) -> list[dict[str, Any]]:
+def box_data(
+    boxes: Tensor, labels: Tensor, class_names: list[str], scores: Tensor | None = None
+) -> list[dict[str, Any]]:
     """W&B ``box_data`` of ``boxes [D, 4]`` xyxy pixels with ``labels [D]`` and optional ``scores [D]``;
     captions read "<class> <score>"."""
     out = []
@@ -44,7 +46,10 @@ def wandb_image(
     labels = dict(enumerate(class_names))
     boxes = {}
     if target is not None:
-        boxes["ground_truth"] = {"box_data": box_data(target["boxes"], target["labels"], class_names), "class_labels": labels}
+        boxes["ground_truth"] = {
+            "box_data": box_data(target["boxes"], target["labels"], class_names),
+            "class_labels": labels,
+        }
     if det is not None:
         data = box_data(det["boxes"], det["labels"], class_names, det["scores"])
         boxes["predictions"] = {"box_data": data, "class_labels": labels}
@@ -78,14 +83,19 @@ class WandbDetectionImages(L.Callback):
         min_score: detections below this score are not sent.
     """
 
-    def __init__(self, num_images: int = 8, train_batches: int = 2, max_train_images: int = 8, min_score: float = 0.1) -> None:
+    def __init__(
+        self, num_images: int = 8, train_batches: int = 2, max_train_images: int = 8, min_score: float = 0.1
+    ) -> None:
         if min(num_images, train_batches, max_train_images) < 0 or not 0.0 <= min_score <= 1.0:
             raise ValueError("num_images, train_batches and max_train_images must be >= 0 and min_score in [0, 1]")
         self.num_images, self.train_batches = num_images, train_batches
         self.max_train_images, self.min_score = max_train_images, min_score
         self._val_batch: tuple[Tensor, list[dict[str, Tensor]]] | None = None
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """Send the first ``train_batches`` augmented batches of the run, ground truth only, as ``train/examples``."""
         if trainer.current_epoch > 0 or batch_idx >= self.train_batches or wandb_run(trainer) is None:
             return
         images, targets = batch
@@ -94,6 +104,7 @@ class WandbDetectionImages(L.Callback):
         log_to_wandb(trainer, {"train/examples": shown})
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Send the fixed validation images with truth and detections (score >= ``min_score``): ``val/examples``."""
         if trainer.sanity_checking or self.num_images == 0 or wandb_run(trainer) is None:
             return
         batch = self._fixed_batch(trainer)
@@ -103,7 +114,9 @@ class WandbDetectionImages(L.Callback):
         dets: list[dict[str, Tensor] | None] = [None] * len(images)
         detect = getattr(pl_module, "detect", None)
         if detect is None:
-            rank_zero_warn(f"WandbDetectionImages: {type(pl_module).__name__} has no detect(images); showing ground truth only")
+            rank_zero_warn(
+                f"WandbDetectionImages: {type(pl_module).__name__} has no detect(images); showing ground truth only"
+            )
         else:
             was_training = pl_module.training
             pl_module.eval()
@@ -112,7 +125,9 @@ class WandbDetectionImages(L.Callback):
             pl_module.train(was_training)
             dets = [{k: v[d["scores"] >= self.min_score].cpu() for k, v in d.items()} for d in found]
         names = class_names_of(trainer, pl_module)
-        log_to_wandb(trainer, {"val/examples": [wandb_image(im, names, t, d) for im, t, d in zip(images, targets, dets)]})
+        log_to_wandb(
+            trainer, {"val/examples": [wandb_image(im, names, t, d) for im, t, d in zip(images, targets, dets)]}
+        )
 
     def _fixed_batch(self, trainer: L.Trainer) -> tuple[Tensor, list[dict[str, Tensor]]] | None:
         """The chosen validation images, collated once by the validation loader's own ``collate_fn``
@@ -135,10 +150,12 @@ class WandbClassAP(L.Callback):
     with AP −1 (no ground truth and no detection in the split) are left out."""
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Send the per-class AP table and chart of this validation (not the sanity check)."""
         if not trainer.sanity_checking:
             self._log(trainer, "val")
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Send the per-class AP table and chart of the test run."""
         self._log(trainer, "test")
 
     @staticmethod

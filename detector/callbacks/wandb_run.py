@@ -38,6 +38,7 @@ class WandbRunInfo(L.Callback):
         self.best: dict[str, float] = {}  # value, epoch, step
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Put the CLI's full configuration (``SaveConfigCallback``'s) into the W&B run config."""
         run = wandb_run(trainer)
         saver = next((cb for cb in trainer.callbacks if isinstance(cb, SaveConfigCallback)), None)  # type: ignore[attr-defined]
         if run is None or saver is None:
@@ -46,6 +47,7 @@ class WandbRunInfo(L.Callback):
         run.config.update(config, allow_val_change=True)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """While fitting, track the best ``monitor`` value with its epoch and step and write them to the W&B summary."""
         metric = trainer.callback_metrics.get(self.monitor)
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING or metric is None:
             return
@@ -56,10 +58,18 @@ class WandbRunInfo(L.Callback):
             self.best = {"value": value, "epoch": trainer.current_epoch, "step": trainer.global_step}
         run = wandb_run(trainer)
         if run is not None and self.best:
-            run.summary.update({f"best/{self.monitor}": self.best["value"], "best/epoch": self.best["epoch"], "best/step": self.best["step"]})
+            run.summary.update(
+                {
+                    f"best/{self.monitor}": self.best["value"],
+                    "best/epoch": self.best["epoch"],
+                    "best/step": self.best["step"],
+                }
+            )
 
     def state_dict(self) -> dict[str, Any]:
+        """The best value, epoch and step so far, saved in checkpoints."""
         return dict(self.best)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume the best value, epoch and step from a checkpoint."""
         self.best = dict(state_dict)

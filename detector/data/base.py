@@ -93,7 +93,9 @@ class DetectionSource(Dataset):
             elif annotated == header.stored:  # annotated on the image as stored, ignoring EXIF
                 self._keep(r, header, upright=False)
             else:
-                self.report.add("size_mismatch", f"{r.name} (annotated {annotated}, file {header.height, header.width})")
+                self.report.add(
+                    "size_mismatch", f"{r.name} (annotated {annotated}, file {header.height, header.width})"
+                )
         self.report.images_kept = len(self.paths)
         self.report.finish(self.strict)
 
@@ -118,6 +120,7 @@ class DetectionSource(Dataset):
 
     @property
     def num_classes(self) -> int:
+        """C, the number of classes (``len(class_names)``)."""
         return len(self.class_names)
 
     @property
@@ -150,9 +153,17 @@ class DetectionSource(Dataset):
             except OSError as e:
                 self._unreadable.add(j)
                 self.report.add("load_failed", self.paths[j])
-                warnings.warn(f"{self.report.name}: {e}; using the next readable item instead (counted as load_failed)")
+                warnings.warn(  # stacklevel 1: the failing item is the news, not the DataLoader frame that asked
+                    f"{self.report.name}: {e}; using the next readable item instead (counted as load_failed)",
+                    stacklevel=1,
+                )
                 continue
-            return {"image": image, "boxes": self.boxes[j].copy(), "labels": self.labels[j].copy(), "image_id": self.image_ids[j]}
+            return {
+                "image": image,
+                "boxes": self.boxes[j].copy(),
+                "labels": self.labels[j].copy(),
+                "image_id": self.image_ids[j],
+            }
         raise RuntimeError(f"{self.report.name}: none of its {n} images could be decoded")
 
 

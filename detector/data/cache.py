@@ -70,4 +70,10 @@ class CachedImages(Dataset):
         oh, ow = meta["orig_size"]
         scale = np.array([w / ow, h / oh, w / ow, h / oh], np.float32)
         boxes = meta["orig_boxes"]  # (N, 4)
-        return {**meta, "image": image, "boxes": boxes * scale, "orig_boxes": boxes.copy(), "labels": meta["labels"].copy()}
+        return {
+            **meta,
+            "image": image,
+            "boxes": boxes * scale,
+            "orig_boxes": boxes.copy(),
+            "labels": meta["labels"].copy(),
+        }

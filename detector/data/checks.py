@@ -119,6 +119,7 @@ class CheckReport:
 
     @property
     def benign(self) -> dict[str, int]:
+        """Counts of the ``BENIGN`` kinds (repairs and conversions that are only logged), zeros left out."""
         return {k: self.counts[k] for k in BENIGN if self.counts[k]}
 
     def summary(self) -> str:
@@ -137,7 +138,9 @@ class CheckReport:
         if self.problems and strict:
             raise ValueError(f"bad input (strict=True): {self.summary()}")
         if self.problems:
-            warnings.warn(f"bad input skipped or repaired (strict=True makes it an error): {self.summary()}", stacklevel=4)
+            warnings.warn(
+                f"bad input skipped or repaired (strict=True makes it an error): {self.summary()}", stacklevel=4
+            )
         elif self.benign:
             log.info(self.summary())
 
@@ -161,6 +164,7 @@ class Header:
 
     @property
     def stored(self) -> tuple[int, int]:
+        """``(h, w)`` as stored in the file: the upright sides swapped back for EXIF orientations 5-8."""
         return (self.width, self.height) if self.orientation in (5, 6, 7, 8) else (self.height, self.width)
 
 

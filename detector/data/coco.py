@@ -69,15 +69,21 @@ class CocoDetection(DetectionSource):
     ):
         self.images_dir = Path(images)
         self.annotations = Path(annotations)
-        super().__init__(str(self.annotations), strict=strict, verify=verify, max_examples=max_examples, workers=workers)
+        super().__init__(
+            str(self.annotations), strict=strict, verify=verify, max_examples=max_examples, workers=workers
+        )
         coco = load_coco_json(self.annotations)
         if not self.images_dir.is_dir():
-            raise FileNotFoundError(f"image folder not found: {self.images_dir} (check the images path or the data root)")
+            raise FileNotFoundError(
+                f"image folder not found: {self.images_dir} (check the images path or the data root)"
+            )
         self._set_classes(coco["categories"], category_ids, class_names)
         self._build(self._parse(coco))
         self.file_names: list[str] = [str(p.relative_to(self.images_dir)) for p in self.paths]
 
-    def _set_classes(self, categories: list, category_ids: Sequence[int] | None, class_names: Sequence[str] | None) -> None:
+    def _set_classes(
+        self, categories: list, category_ids: Sequence[int] | None, class_names: Sequence[str] | None
+    ) -> None:
         names = {int(c["id"]): str(c["name"]) for c in categories}
         if category_ids is None:
             category_ids = sorted(names)
@@ -126,6 +132,10 @@ class CocoDetection(DetectionSource):
         try:
             image_id, size = int(im["id"]), (int(im.get("height", 0)), int(im.get("width", 0)))
         except (KeyError, TypeError, ValueError):
-            return RawImage(self.images_dir / name, -1, *empty, name=f"{name} (image entry {im})", problem="bad_annotation")
+            return RawImage(
+                self.images_dir / name, -1, *empty, name=f"{name} (image entry {im})", problem="bad_annotation"
+            )
         problem = None if name else "bad_annotation"
-        return RawImage(self.images_dir / name, image_id, *empty, name=name or f"image {image_id}", size=size, problem=problem)
+        return RawImage(
+            self.images_dir / name, image_id, *empty, name=name or f"image {image_id}", size=size, problem=problem
+        )

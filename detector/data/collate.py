@@ -1,14 +1,14 @@
 """Batch samples into the detector contract (see DESIGN.md).
 
-    images   float32 (B, 3, S, S) in [0, 1], contiguous, letterboxed to the model size
-    targets  list of B dicts:
-        boxes      float32 (N, 4) xyxy in input pixels (N may be 0: shape (0, 4))
-        labels     int64   (N,)   in [0, num_classes)
-        image_id   int64   ()     dataset image id (COCO ``id``)
-        orig_size  int64   (2,)   (h, w) of the original image
-        letterbox  float32 (3,)   (scale, pad_x, pad_y): orig = (input - pad) / scale
-        orig_boxes   float32 (M, 4) the annotation's boxes in original pixels, for evaluation
-        orig_labels  int64   (M,)   their labels (both optional; passed through when present)
+images   float32 (B, 3, S, S) in [0, 1], contiguous, letterboxed to the model size
+targets  list of B dicts:
+    boxes      float32 (N, 4) xyxy in input pixels (N may be 0: shape (0, 4))
+    labels     int64   (N,)   in [0, num_classes)
+    image_id   int64   ()     dataset image id (COCO ``id``)
+    orig_size  int64   (2,)   (h, w) of the original image
+    letterbox  float32 (3,)   (scale, pad_x, pad_y): orig = (input - pad) / scale
+    orig_boxes   float32 (M, 4) the annotation's boxes in original pixels, for evaluation
+    orig_labels  int64   (M,)   their labels (both optional; passed through when present)
 """
 
 from __future__ import annotations

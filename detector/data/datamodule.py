@@ -17,7 +17,7 @@ import cv2
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from detector.data.base import DetectionSource
 from detector.data.cache import CachedImages
@@ -60,7 +60,12 @@ class TransformedDataset(Dataset):
     """
 
     def __init__(
-        self, base: DetectionSource, transform: A.Compose, size: int, mosaic: MosaicTiler | None = None, seed: int = 0
+        self,
+        base: DetectionSource | CachedImages | ImageFolder,
+        transform: A.Compose,
+        size: int,
+        mosaic: MosaicTiler | None = None,
+        seed: int = 0,
     ):
         self.base, self.transform, self.size, self.mosaic, self.seed = base, transform, size, mosaic, seed
         self.epoch = 0  # the epoch of plain integer keys
@@ -90,13 +95,21 @@ class TransformedDataset(Dataset):
 
 
 class DetectionDataModule(L.LightningDataModule):
-    """Detection data in COCO JSON format; relative paths are resolved against ``root``.
+    """Detection data in COCO JSON, YOLO txt or Pascal VOC layout (``detector.data.formats``);
+    relative paths are resolved against ``root``. Class names come from the training split.
 
     Args:
-        root: dataset folder (created when ``embedded`` is set).
-        train_images / train_annotations: training image folder and COCO JSON.
-        val_images / val_annotations: validation image folder and COCO JSON.
-        test_images / test_annotations: test split; ``None`` means the validation split.
+        root: dataset folder (created when ``embedded`` is set); for YOLO the dataset YAML or its folder.
+        format: "coco", "yolo" or "voc".
+        train_split / val_split / test_split: split names (COCO: image folder and annotation stem;
+            YOLO: keys of the YAML; VOC: ``ImageSets/Main/<split>.txt``); test ``None`` = validation.
+        train_images / train_annotations, val_…, test_…: explicit image folders and annotation
+            files overriding what the split name implies (COCO and VOC).
+        class_names: VOC class list (default: the sorted object names of the training split).
+        keep_difficult: VOC: keep objects marked difficult (default: left out, as mmdetection).
+        strict: bad input (missing/corrupt images, broken boxes, …) raises instead of being skipped
+            and counted in one warning (``detector.data.checks``).
+        verify: "header" (cheap checks) or "decode" (decode every image once at start).
         embedded: generate the built-in shapes dataset into ``root`` with this config.
         image_size: square model input side (letterboxed), a multiple of 32.
         batch_size: images per batch (per process under DDP).
@@ -161,12 +174,15 @@ class DetectionDataModule(L.LightningDataModule):
                 raise ValueError(f"data.embedded generates COCO files; set data.format: coco (got {format!r})")
             ensure_shapes(root_path, embedded)
         elif not root_path.exists():
-            raise FileNotFoundError(f"data root not found: {root_path} (set data.root, or data.embedded to generate shapes)")
+            raise FileNotFoundError(
+                f"data root not found: {root_path} (set data.root, or data.embedded to generate shapes)"
+            )
         val = (val_split, val_images, val_annotations)
         self.splits: dict[str, tuple[str, str | None, str | None]] = {
             "train": (train_split, train_images, train_annotations),
             "val": val,
-            "test": val if test_split is None and test_images is None and test_annotations is None
+            "test": val
+            if test_split is None and test_images is None and test_annotations is None
             else (test_split or val_split, test_images, test_annotations),
         }
         self.image_size, self.batch_size = image_size, batch_size
@@ -206,8 +222,15 @@ class DetectionDataModule(L.LightningDataModule):
         name, images, annotations = self.splits[split]
         h = self.hparams
         return open_dataset(
-            h.format, h.root, name, images=images, annotations=annotations, strict=h.strict,
-            verify=h.verify, keep_difficult=h.keep_difficult, **mapping,
+            h["format"],
+            h["root"],
+            name,
+            images=images,
+            annotations=annotations,
+            strict=h["strict"],
+            verify=h["verify"],
+            keep_difficult=h["keep_difficult"],
+            **mapping,
         )
 
     def _split(self, split: str) -> TransformedDataset:
@@ -220,22 +243,28 @@ class DetectionDataModule(L.LightningDataModule):
         return TransformedDataset(CachedImages(base, size) if self.cache else base, val_transforms(size), size)
 
     def setup(self, stage: str | None = None) -> None:
+        """Build the datasets of ``stage`` (all for ``None``), once each, and fix the training seed."""
         self._seed = self.seed if self.seed is not None else global_seed()
         if stage in ("fit", None) and self.train_set is None:
             self.train_set = self._split("train")
         if stage in ("fit", "validate", None) and self.val_set is None:
             self.val_set = self._split("val")
-        if stage in ("test", "predict", None) and self.test_set is None and not (stage == "predict" and self.predict_images):
+        if (
+            stage in ("test", "predict", None)
+            and self.test_set is None
+            and not (stage == "predict" and self.predict_images)
+        ):
             self.test_set = self._split("test")
         if stage in ("predict", None) and self.predict_images is not None and self.predict_set is None:
             folder = ImageFolder(self.predict_images)
             self.predict_set = TransformedDataset(folder, val_transforms(self.image_size), self.image_size)
 
-    def _loader(self, dataset: Dataset | None, train: bool = False) -> DataLoader:
+    def _loader(self, dataset: TransformedDataset | None, train: bool = False) -> DataLoader:
         """Training: ``TrainSampler`` order, resumable; else every image once, in order (a share per rank)."""
         if dataset is None:
             raise RuntimeError("DetectionDataModule: call setup() for this stage before asking for its dataloader")
         num_replicas, rank = world(self.trainer)
+        sampler: DistributedSampler
         if train:
             sampler = TrainSampler(dataset, num_replicas, rank, seed=self._seed, epoch=self._start_epoch())
         else:
@@ -252,8 +281,10 @@ class DetectionDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        """The resumable training loader (``TrainSampler`` order), continuing a checkpointed run where it stopped."""
         self._close_mosaic()
         loader = self._loader(self.train_set, train=True)
+        assert isinstance(loader, ResumableDataLoader)  # what train=True builds
         if self._resume is not None:  # continue a checkpointed run where it stopped
             loader.resume(self._resume["epoch"], self._resume["batches"])
             self._resume = None
@@ -301,9 +332,11 @@ class DetectionDataModule(L.LightningDataModule):
         return resize_batch(images, targets, size)
 
     def val_dataloader(self) -> DataLoader:
+        """Every validation image once, in file order (a disjoint share per rank under DDP)."""
         return self._loader(self.val_set)
 
     def test_dataloader(self) -> DataLoader:
+        """Every test image once, in file order (a disjoint share per rank under DDP)."""
         return self._loader(self.test_set)
 
     def predict_dataloader(self) -> DataLoader:
@@ -329,4 +362,6 @@ def _check_augment_args(mosaic: float, close_mosaic: int, multi_scale: tuple[int
     if multi_scale is not None:
         low, high = multi_scale
         if not 32 <= low <= high or high // 32 * 32 < low:
-            raise ValueError(f"multi_scale must be [low, high] with 32 <= low <= high spanning a multiple of 32, got {list(multi_scale)}")
+            raise ValueError(
+                f"multi_scale must be [low, high] with 32 <= low <= high spanning a multiple of 32, got {list(multi_scale)}"
+            )

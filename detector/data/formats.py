@@ -78,7 +78,9 @@ def open_dataset(
         if category_ids is None and class_names is not None:
             raise ValueError("coco: pass category_ids (the training split's) together with class_names")
         image_dir = root / (images if images is not None else split)
-        return CocoDetection(image_dir, _coco_annotations(root, split, annotations), category_ids, class_names, **common)
+        return CocoDetection(
+            image_dir, _coco_annotations(root, split, annotations), category_ids, class_names, **common
+        )
     if format == "yolo":
         if images is not None or annotations is not None:
             raise ValueError("yolo: images/annotations are not used; the dataset YAML names each split's images")

@@ -31,12 +31,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sized
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 _PERMUTATION, _ITEM = 0, 1  # SeedSequence domain tags: the two streams never share a seed
 
@@ -44,7 +44,8 @@ _PERMUTATION, _ITEM = 0, 1  # SeedSequence domain tags: the two streams never sh
 class ItemKey(NamedTuple):
     """A training dataset key: image ``index`` (row in the dataset) drawn in ``epoch``."""
 
-    index: int
+    # the field shadows tuple.index(), never called on keys; kept for the ``ItemKey(index, epoch)`` API
+    index: int  # type: ignore[assignment]
     epoch: int
 
 
@@ -68,7 +69,7 @@ def world(trainer: Any = None) -> tuple[int, int]:
     return 1, 0
 
 
-class TrainSampler(DistributedSampler):
+class TrainSampler(DistributedSampler[ItemKey]):
     """Shuffled ``ItemKey``s, a pure function of (seed, epoch), sharded over ranks, resumable.
 
     Args:
@@ -84,7 +85,10 @@ class TrainSampler(DistributedSampler):
     def __init__(self, dataset: Sized, num_replicas: int = 1, rank: int = 0, seed: int = 0, epoch: int = 0) -> None:
         if seed < 0 or epoch < 0:
             raise ValueError(f"TrainSampler: seed and epoch must be >= 0, got seed={seed}, epoch={epoch}")
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
+        # DistributedSampler types ``dataset`` as a Dataset, yet reads only its ``len``
+        super().__init__(
+            cast(Dataset, dataset), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False
+        )
         self.epoch = epoch
         self.start = 0  # shard positions to skip in passes over self.epoch (set by resume)
 
@@ -102,13 +106,13 @@ class TrainSampler(DistributedSampler):
 
     def shard(self, epoch: int) -> np.ndarray:
         """This rank's indices for ``epoch``: ``int64 [num_samples]`` (see the module docstring)."""
-        n = len(self.dataset)
+        n = len(cast(Sized, self.dataset))
         rng = np.random.default_rng(np.random.SeedSequence([_PERMUTATION, self.seed, epoch]))
         perm = rng.permutation(n)  # (N,)
         perm = np.concatenate([perm, np.resize(perm, self.total_size - n)])  # (total,) padded by wrapping
         return perm[self.rank : self.total_size : self.num_replicas]
 
-    def __iter__(self) -> Iterator[ItemKey]:  # type: ignore[override]
+    def __iter__(self) -> Iterator[ItemKey]:
         epoch = self.epoch
         return iter([ItemKey(int(i), epoch) for i in self.shard(epoch)[self.start :]])
 
@@ -121,7 +125,9 @@ def eval_sampler(dataset: Sized, num_replicas: int = 1, rank: int = 0) -> Unrepe
     """
     n = len(dataset)
     if 0 < n < num_replicas:
-        raise ValueError(f"the evaluation set has {n} images, fewer than the {num_replicas} processes: add images or use fewer devices")
+        raise ValueError(
+            f"the evaluation set has {n} images, fewer than the {num_replicas} processes: add images or use fewer devices"
+        )
     return UnrepeatedDistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
 
 
@@ -146,23 +152,32 @@ class ResumableDataLoader(DataLoader):
             raise TypeError(f"ResumableDataLoader needs a TrainSampler, got {type(self.sampler).__name__}")
         return self.sampler
 
+    def _batch_size(self) -> int:
+        """``batch_size``, always set here: the loader is built with one, not with a ``batch_sampler``."""
+        if self.batch_size is None:
+            raise TypeError("ResumableDataLoader needs a batch_size (a batch_sampler is not supported)")
+        return self.batch_size
+
     def progress(self) -> tuple[int, int]:
         """``(epoch, batches)`` of the current (or last) pass."""
         if not isinstance(self.sampler, TrainSampler):  # e.g. Lightning's overfit_batches swapped it
             return self._epoch, self._batches
         if self._epoch != self.sampler.epoch:  # set_epoch moved on, no batch drawn yet
-            return self.sampler.epoch, -(-self.sampler.start // self.batch_size)
+            return self.sampler.epoch, -(-self.sampler.start // self._batch_size())
         return self._epoch, self._batches
 
     def resume(self, epoch: int, batches: int) -> None:
         """Start the next pass at batch ``batches`` of ``epoch`` (this rank's shard)."""
-        self._train_sampler().resume(epoch, min(batches * self.batch_size, len(self.sampler)))
+        sampler = self._train_sampler()
+        sampler.resume(epoch, min(batches * self._batch_size(), len(sampler)))
         self._epoch, self._batches = epoch, batches
 
-    def __iter__(self) -> Iterator[Any]:
+    # DataLoader.__iter__ is typed to return its _BaseDataLoaderIter; this returns a counting generator
+    # over that iterator, and Lightning's fetchers only call next() on it
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         sampler = self.sampler
         if isinstance(sampler, TrainSampler):  # what the sampler will draw from, fixed before any worker pulls
-            self._epoch, self._batches = sampler.epoch, -(-sampler.start // self.batch_size)  # ceil
+            self._epoch, self._batches = sampler.epoch, -(-sampler.start // self._batch_size())  # ceil
         return self._count(super().__iter__())
 
     def _count(self, inner: Iterator[Any]) -> Iterator[Any]:
@@ -173,7 +188,9 @@ class ResumableDataLoader(DataLoader):
             self.sampler.start = 0  # a finished pass leaves no offset behind
 
     def state_dict(self) -> dict[str, Any]:
+        """Empty: marks the loader as resumable for Lightning; the state is the datamodule's (see above)."""
         return {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Nothing to load: the datamodule's ``load_state_dict`` calls :meth:`resume` instead."""
         return None

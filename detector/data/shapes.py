@@ -137,7 +137,9 @@ def _generate(out: Path, cfg: ShapesConfig) -> None:
                         "iscrowd": 0,
                     }
                 )
-        categories = [{"id": c, "name": n, "supercategory": "shape"} for c, n in zip(SHAPES_CATEGORY_IDS, SHAPES_CLASSES)]
+        categories = [
+            {"id": c, "name": n, "supercategory": "shape"} for c, n in zip(SHAPES_CATEGORY_IDS, SHAPES_CLASSES)
+        ]
         coco = {"images": images, "annotations": annotations, "categories": categories}
         (out / "annotations" / f"{split}.json").write_text(json.dumps(coco, separators=(",", ":")))
 

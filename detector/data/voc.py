@@ -113,12 +113,16 @@ class VocDetection(DetectionSource):
         label_of = {n: i for i, n in enumerate(self.class_names)}
         self._build([self._raw(i, k, rec, label_of, keep_difficult) for i, k, rec in zip(ids, stem_ids(ids), records)])
 
-    def _raw(self, stem: str, image_id: int, rec: VocRecord, label_of: dict[str, int], keep_difficult: bool) -> RawImage:
+    def _raw(
+        self, stem: str, image_id: int, rec: VocRecord, label_of: dict[str, int], keep_difficult: bool
+    ) -> RawImage:
         path = self.images_dir / f"{stem}.jpg"
         if rec.filename and not path.is_file():
             path = self.images_dir / rec.filename
         if rec.problem == "missing_file":
-            return RawImage(path, image_id, np.zeros((0, 4)), np.zeros(0, np.int64), name=f"{stem}.xml", problem=rec.problem)
+            return RawImage(
+                path, image_id, np.zeros((0, 4)), np.zeros(0, np.int64), name=f"{stem}.xml", problem=rec.problem
+            )
         for where in rec.bad:
             self.report.add("bad_annotation", where)
         kept = [(box, label_of.get(name, -1)) for name, hard, box in rec.objects if keep_difficult or not hard]

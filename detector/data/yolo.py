@@ -134,13 +134,17 @@ class YoloDetection(DetectionSource):
         workers: int | None = None,
     ):
         self.data = Path(data)
-        super().__init__(f"{self.data} [{split}]", strict=strict, verify=verify, max_examples=max_examples, workers=workers)
+        super().__init__(
+            f"{self.data} [{split}]", strict=strict, verify=verify, max_examples=max_examples, workers=workers
+        )
         cfg = load_yolo_yaml(self.data)
         if class_names is not None and list(class_names) != cfg["names"]:
             raise ValueError(f"{self.data}: names {cfg['names']} differ from the training split's {list(class_names)}")
         self.class_names, self.category_ids = index_ids(cfg["names"], class_names, category_ids, str(self.data))
         if not cfg.get(split):
-            raise ValueError(f"{self.data} has no split {split!r} (keys: {[k for k in cfg if k not in ('path', 'names', 'nc')]})")
+            raise ValueError(
+                f"{self.data} has no split {split!r} (keys: {[k for k in cfg if k not in ('path', 'names', 'nc')]})"
+            )
         images = split_images(cfg["path"], cfg[split], str(self.data))
         self.root = Path(cfg["path"])
         annotations = parallel_map(lambda p: parse_label_file(label_path(p)), images, workers)

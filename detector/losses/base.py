@@ -71,6 +71,7 @@ class ClassificationLoss(nn.Module):
     def forward(
         self, logits: Tensor, targets: Tensor, weight: Tensor | None = None, info: SampleInfo | None = None
     ) -> Tensor:
+        """``logits [N, C]``, ``targets [N, C]`` in [0, 1], ``weight [N, C] | None`` -> unreduced ``loss [N, C]``."""
         raise NotImplementedError(f"{type(self).__name__} must implement forward")
 
 
@@ -85,4 +86,5 @@ class BoxLoss(nn.Module):
     def forward(
         self, pred: BoxSet, target: BoxSet, weight: Tensor | None = None, info: SampleInfo | None = None
     ) -> Tensor:
+        """Predicted and target boxes of N positives, ``weight [N] | None`` -> unreduced ``loss [N]``."""
         raise NotImplementedError(f"{type(self).__name__} must implement forward")

@@ -62,6 +62,7 @@ class DarknetBoxLoss(_ScaledBoxLoss):
     """
 
     def unscaled(self, pred: BoxSet, target: BoxSet) -> Tensor:
+        """``[N]``: squared error of σ(tx, ty) and of (tw, th) against the target coding."""
         xy = (torch.sigmoid(pred.raw[:, :2]) - target.raw[:, :2]) ** 2
         wh = (pred.raw[:, 2:] - target.raw[:, 2:]) ** 2
         return xy.sum(1) + wh.sum(1)
@@ -75,6 +76,7 @@ class GIoULoss(_ScaledBoxLoss):
     """
 
     def unscaled(self, pred: BoxSet, target: BoxSet) -> Tensor:
+        """``[N]``: ``1 − GIoU`` of the xyxy boxes (torchvision)."""
         return generalized_box_iou_loss(pred.xyxy, target.xyxy, reduction="none")
 
 
@@ -86,6 +88,7 @@ class DIoULoss(_ScaledBoxLoss):
     """
 
     def unscaled(self, pred: BoxSet, target: BoxSet) -> Tensor:
+        """``[N]``: ``1 − DIoU`` of the xyxy boxes (torchvision)."""
         return distance_box_iou_loss(pred.xyxy, target.xyxy, reduction="none")
 
 
@@ -97,4 +100,5 @@ class CIoULoss(_ScaledBoxLoss):
     """
 
     def unscaled(self, pred: BoxSet, target: BoxSet) -> Tensor:
+        """``[N]``: ``1 − CIoU`` of the xyxy boxes (torchvision)."""
         return complete_box_iou_loss(pred.xyxy, target.xyxy, reduction="none")

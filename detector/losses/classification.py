@@ -50,6 +50,7 @@ class BCE(ClassificationLoss):
     def forward(
         self, logits: Tensor, targets: Tensor, weight: Tensor | None = None, info: SampleInfo | None = None
     ) -> Tensor:
+        """``logits [N, C]``, ``targets [N, C]`` -> elementwise BCE ``[N, C]`` on smoothed targets, times ``weight``."""
         _check_shapes(logits, targets, weight)
         eps = self.label_smoothing
         targets = targets.to(logits.dtype)
@@ -58,6 +59,7 @@ class BCE(ClassificationLoss):
         return _weighted(F.binary_cross_entropy_with_logits(logits, targets, reduction="none"), weight)
 
     def extra_repr(self) -> str:
+        """``label_smoothing`` for ``print(module)``."""
         return f"label_smoothing={self.label_smoothing}"
 
 
@@ -79,6 +81,7 @@ class SoftmaxCrossEntropy(ClassificationLoss):
     def forward(
         self, logits: Tensor, targets: Tensor, weight: Tensor | None = None, info: SampleInfo | None = None
     ) -> Tensor:
+        """``logits [N, C]``, ``targets [N, C]`` -> ``−y_i log softmax(x)_i`` ``[N, C]`` (smoothed y) x ``weight``."""
         _check_shapes(logits, targets, weight)
         eps = self.label_smoothing
         targets = targets.to(logits.dtype)
@@ -87,6 +90,7 @@ class SoftmaxCrossEntropy(ClassificationLoss):
         return _weighted(-targets * F.log_softmax(logits, dim=1), weight)
 
     def extra_repr(self) -> str:
+        """``label_smoothing`` for ``print(module)``."""
         return f"label_smoothing={self.label_smoothing}"
 
 
@@ -114,10 +118,12 @@ class FocalLoss(ClassificationLoss):
     def forward(
         self, logits: Tensor, targets: Tensor, weight: Tensor | None = None, info: SampleInfo | None = None
     ) -> Tensor:
+        """``logits [N, C]``, ``targets [N, C]`` -> elementwise focal loss ``[N, C]``, times ``weight``."""
         _check_shapes(logits, targets, weight)
         alpha = -1.0 if self.alpha is None else self.alpha  # torchvision: alpha < 0 -> no weighting
         loss = sigmoid_focal_loss(logits, targets.to(logits.dtype), alpha=alpha, gamma=self.gamma, reduction="none")
         return _weighted(loss, weight)
 
     def extra_repr(self) -> str:
+        """``alpha`` and ``gamma`` for ``print(module)``."""
         return f"alpha={self.alpha}, gamma={self.gamma}"

@@ -86,6 +86,7 @@ class GHMC(ClassificationLoss):
     def forward(
         self, logits: Tensor, targets: Tensor, weight: Tensor | None = None, info: SampleInfo | None = None
     ) -> Tensor:
+        """``logits [N, C]``, ``targets [N, C]`` -> BCE ``[N, C]`` x harmonizing weights (no grad) x ``weight``."""
         _check_shapes(logits, targets, weight)
         w = self.harmonizing_weights(logits, targets, weight).to(logits.dtype)  # (N, C), no grad
         if weight is not None:
@@ -93,4 +94,5 @@ class GHMC(ClassificationLoss):
         return F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype), w, reduction="none")
 
     def extra_repr(self) -> str:
+        """``bins`` and ``momentum`` for ``print(module)``."""
         return f"bins={self.bins}, momentum={self.momentum}"

@@ -31,5 +31,6 @@ class MSEObjectness(ClassificationLoss):
     def forward(
         self, logits: Tensor, targets: Tensor, weight: Tensor | None = None, info: SampleInfo | None = None
     ) -> Tensor:
+        """``logits [N, 1]``, ``targets [N, 1]`` -> ``(σ(x) − y)²`` ``[N, 1]``, times ``weight``."""
         _check_shapes(logits, targets, weight)
         return _weighted((torch.sigmoid(logits) - targets.to(logits.dtype)) ** 2, weight)

@@ -190,6 +190,7 @@ class ISR(ClassificationLoss):
     def forward(
         self, logits: Tensor, targets: Tensor, weight: Tensor | None = None, info: SampleInfo | None = None
     ) -> Tensor:
+        """The base loss ``[N, C]`` with each row rescaled by its ISR weight from ``info`` (see :meth:`row_weights`)."""
         info = _check_info(info, logits.shape[0], "ISR")
         loss = self.base(logits, targets, weight, info)  # (N, C)
         w = self.row_weights(loss.detach(), weight, info)  # (N,)
@@ -226,7 +227,9 @@ class ISR(ClassificationLoss):
         idx = torch.nonzero(neg & (info.scores > self.neg_score_thresh)).flatten()
         idx = idx[self._topk(info.scores[idx])]  # global top-k ⊆ union of local top-k
         # float64 before the cat: image ids carry DDP's rank << 32 offset, which float32 would round
-        rows = torch.cat([info.scores[idx, None].double(), info.boxes[idx].double(), info.image_ids[idx, None].double()], 1)
+        rows = torch.cat(
+            [info.scores[idx, None].double(), info.boxes[idx].double(), info.image_ids[idx, None].double()], 1
+        )
         rows, offset = all_gather_cat(rows)  # (K_global, 6): score, box, image id
         keep = self._topk(rows[:, 0])
         w_all = torch.ones(rows.shape[0], device=rows.device)
@@ -240,6 +243,7 @@ class ISR(ClassificationLoss):
         return cand, w_all[own][taking[own]]
 
     def extra_repr(self) -> str:
+        """Which of ISR-P/ISR-N are on, their powers and ``neg_topk``, for ``print(module)``."""
         return (
             f"isr_p={self.isr_p}, isr_n={self.isr_n}, k_pos={self.k_pos}, k_neg={self.k_neg}, neg_topk={self.neg_topk}"
         )
@@ -281,6 +285,7 @@ class CARL(BoxLoss):
     def forward(
         self, pred: BoxSet, target: BoxSet, weight: Tensor | None = None, info: SampleInfo | None = None
     ) -> Tensor:
+        """Base box loss ``[N]`` x ``v = (b + (1 − b)·s)^k``, s = ``info.cls_score``, scaled: Σv = #valid positives."""
         n = pred.raw.shape[0]
         if info is None or info.cls_score is None:
             raise ValueError("CARL needs info.cls_score (σ of the ground-truth class logit, with gradient)")
@@ -294,4 +299,5 @@ class CARL(BoxLoss):
         return v * ratio.to(v.dtype) * loss
 
     def extra_repr(self) -> str:
+        """``k`` and ``bias`` for ``print(module)``."""
         return f"k={self.k}, bias={self.bias}"

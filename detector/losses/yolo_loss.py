@@ -95,6 +95,7 @@ class YOLOLoss(nn.Module):
     def forward(
         self, outputs: list[Tensor], targets: list[dict[str, Tensor]], anchors: Tensor, strides: list[int]
     ) -> dict[str, Tensor]:
+        """Outputs (per scale ``[B, A, H, W, 5 + C]``), targets -> scalar ``loss`` and its three parts ``loss_*``."""
         shapes = [(o.shape[2], o.shape[3]) for o in outputs]
         b_n, n_cls = outputs[0].shape[0], outputs[0].shape[-1] - 5
         gt = GroundTruth.from_targets(targets, outputs[0].device)
@@ -120,7 +121,9 @@ class YOLOLoss(nn.Module):
 
         needs_pos = self.classification.needs_info or self.box.needs_info or self.objectness.needs_info
         pos_info = self._positive_info(head, pos_cls, b, r, g, gt, pred, target) if needs_pos else None
-        obj_info = self._anchor_info(outputs, boxes / in_size, b, r, pos_info) if self.objectness.needs_info else None
+        obj_info = None  # objectness.needs_info implies needs_pos, so pos_info is set then
+        if self.objectness.needs_info and pos_info is not None:
+            obj_info = self._anchor_info(outputs, boxes / in_size, b, r, pos_info)
         e_obj = self.objectness(head[..., 4].reshape(-1, 1), obj_t.view(-1, 1), obj_w.view(-1, 1), obj_info)
         e_cls = self.classification(pos_cls, cls_t, None, pos_info)  # (P, C)
         e_box = self.box(pred, target, None, pos_info)  # (P,)

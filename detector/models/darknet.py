@@ -23,12 +23,15 @@ class Darknet53(nn.Module):
             raise ValueError(f"Darknet53 needs 6 widths and 5 depths, got {widths} and {depths}")
         self.stem = ConvBNAct(3, widths[0], 3)
         self.stages = nn.ModuleList(
-            nn.Sequential(ConvBNAct(widths[i], widths[i + 1], 3, 2), *(Residual(widths[i + 1]) for _ in range(depths[i])))
+            nn.Sequential(
+                ConvBNAct(widths[i], widths[i + 1], 3, 2), *(Residual(widths[i + 1]) for _ in range(depths[i]))
+            )
             for i in range(5)
         )
         self.out_channels = list(widths[3:])
 
     def forward(self, x: Tensor) -> list[Tensor]:
+        """``[B, 3, H, W]`` -> the last three stages' features, strides 8, 16 and 32."""
         x = self.stem(x)
         features = []
         for stage in self.stages:
@@ -62,5 +65,6 @@ class TinyDarknet(nn.Module):
         self.out_channels = [256, 1024]
 
     def forward(self, x: Tensor) -> list[Tensor]:
+        """``[B, 3, H, W]`` -> ``[B, 256, H/16, W/16]`` and ``[B, 1024, H/32, W/32]``."""
         p16 = self.to16(x)
         return [p16, self.to32(p16)]

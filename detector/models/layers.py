@@ -24,4 +24,5 @@ class Residual(nn.Module):
         self.block = nn.Sequential(ConvBNAct(c, c // 2, 1), ConvBNAct(c // 2, c, 3))
 
     def forward(self, x: Tensor) -> Tensor:
+        """``[B, c, H, W]`` -> ``[B, c, H, W]``: the input plus the block's output."""
         return x + self.block(x)

@@ -7,9 +7,8 @@ deep (stride 32): ``[B, A, H/s, W/s, 5 + C]`` = (tx, ty, tw, th, objectness, cla
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +68,8 @@ class YOLOv3(nn.Module):
         weights: optional path of a local state dict (or Lightning checkpoint) to load; never downloaded.
     """
 
+    anchors: Tensor  # [S, A, 2] pixels, a registered buffer (declared so type checkers see a Tensor)
+
     def __init__(
         self,
         num_classes: int,
@@ -84,14 +85,14 @@ class YOLOv3(nn.Module):
         spec = PRESETS[preset]
         anchors = [list(a) for a in (anchors if anchors is not None else spec.anchors)]
         if len(anchors) != len(spec.mids) or len({len(a) for a in anchors}) != 1:
-            raise ValueError(f"preset {preset!r} needs {len(spec.mids)} scales with the same number of anchors each, got {anchors}")
+            raise ValueError(
+                f"preset {preset!r} needs {len(spec.mids)} scales with the same number of anchors each, got {anchors}"
+            )
         self.num_classes = num_classes
         self.num_anchors = len(anchors[0])
         self.strides = [8, 16, 32][-len(spec.mids) :]
         self.register_buffer("anchors", torch.tensor(anchors, dtype=torch.float32))  # [S, A, 2] pixels
-        self.backbone: nn.Module = (
-            Darknet53(spec.widths, spec.depths) if spec.widths and spec.depths else TinyDarknet()
-        )
+        self.backbone: nn.Module = Darknet53(spec.widths, spec.depths) if spec.widths and spec.depths else TinyDarknet()
         chans, mids = self.backbone.out_channels, spec.mids
         n_out = self.num_anchors * (5 + num_classes)
         self.sets, self.heads, self.routes = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
@@ -131,7 +132,9 @@ class YOLOv3(nn.Module):
             raise ValueError(f"no tensor of {path!r} fits this model: is it a YOLOv3 checkpoint of the same preset?")
         self.load_state_dict(fits, strict=False)
         if skipped:
-            print(f"load_weights: {len(fits)} tensors loaded, {len(skipped)} skipped (shape or name differs): {skipped[:5]} ...")
+            print(
+                f"load_weights: {len(fits)} tensors loaded, {len(skipped)} skipped (shape or name differs): {skipped[:5]} ..."
+            )
 
     def forward(self, images: Tensor) -> list[Tensor]:
         """``images [B, 3, H, W]`` (H, W multiples of 32) -> per scale ``[B, A, H/s, W/s, 5 + C]``, stride 8 first."""

@@ -31,7 +31,9 @@ def anchor_grid(shapes: list[tuple[int, int]], anchors: Tensor, strides: list[in
     """
     cells, sizes, steps = [], [], []
     for (h, w), anc, s in zip(shapes, anchors, strides):
-        j, i = torch.meshgrid(torch.arange(h, device=anchors.device), torch.arange(w, device=anchors.device), indexing="ij")
+        j, i = torch.meshgrid(
+            torch.arange(h, device=anchors.device), torch.arange(w, device=anchors.device), indexing="ij"
+        )
         ij = torch.stack((i, j), -1).view(1, h * w, 2).expand(len(anc), -1, -1)
         cells.append(ij.reshape(-1, 2))
         sizes.append(anc.view(-1, 1, 2).expand(-1, h * w, -1).reshape(-1, 2))

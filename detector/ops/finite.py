@@ -40,14 +40,18 @@ class BufferSnapshot:
         self.copies = [torch.empty_like(b) for b in self.buffers]
 
     def take(self) -> None:
+        """Copy every buffer into the snapshot."""
         if self.buffers:
             torch._foreach_copy_(self.copies, self.buffers)
 
     def restore(self) -> None:
+        """Copy the snapshot back into the buffers."""
         if self.buffers:
             torch._foreach_copy_(self.buffers, self.copies)
 
 
 def nonfinite_entries(state: Mapping[str, object]) -> list[str]:
     """Names of the floating-point tensors of a state dict that hold a NaN or an infinity."""
-    return [k for k, v in state.items() if isinstance(v, Tensor) and v.is_floating_point() and not bool(v.isfinite().all())]
+    return [
+        k for k, v in state.items() if isinstance(v, Tensor) and v.is_floating_point() and not bool(v.isfinite().all())
+    ]
