@@ -4,7 +4,8 @@ from detector.data.base import DetectionSource
 from detector.data.checks import CheckReport
 from detector.data.coco import CocoDetection, load_coco_json
 from detector.data.collate import TARGET_KEYS, collate
-from detector.data.datamodule import DetectionDataModule, TransformedDataset
+from detector.data.datamodule import DetectionDataModule
+from detector.data.dataset import TransformedDataset
 from detector.data.formats import open_dataset
 from detector.data.shapes import SHAPES_CLASSES, ShapesConfig, ensure_shapes
 from detector.data.transforms import letterbox_params, train_transforms, val_transforms

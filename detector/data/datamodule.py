@@ -1,4 +1,4 @@
-"""The LightningDataModule: COCO-format files (or the embedded shapes set) -> batches.
+"""The LightningDataModule: COCO, YOLO or VOC files (or the embedded shapes set) -> batches.
 
 Batches follow ``detector.data.collate`` (images float32 (B, 3, S, S) in [0, 1], targets a
 list of dicts with boxes/labels/image_id/orig_size/letterbox). Class names, category ids
@@ -8,90 +8,37 @@ annotation file), so a LightningCLI can link ``data.num_classes`` into the model
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 from typing import Any
 
-import albumentations as A
 import cv2
 import lightning as L
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 from detector.data.base import DetectionSource
 from detector.data.cache import CachedImages
 from detector.data.checks import Verify
 from detector.data.collate import collate
+from detector.data.dataset import TransformedDataset
 from detector.data.folder import ImageFolder
 from detector.data.formats import Format, open_dataset
 from detector.data.mosaic import MosaicTiler
 from detector.data.samplers import (
-    ItemKey,
     ResumableDataLoader,
     TrainSampler,
     eval_sampler,
     global_seed,
-    item_rng,
     world,
 )
 from detector.data.shapes import ShapesConfig, ensure_shapes
 from detector.data.transforms import (
-    apply,
-    letterbox_params,
     mosaic_transforms,
     random_batch_size,
     resize_batch,
     train_transforms,
     val_transforms,
 )
-
-
-class TransformedDataset(Dataset):
-    """Applies an albumentations pipeline to ``CocoDetection`` samples -> ``(image (3, S, S) uint8, target)``.
-
-    Keys are ``ItemKey(index, epoch)`` (what ``TrainSampler`` yields) or a plain index (epoch
-    ``self.epoch``, 0 unless set). Per-item randomness: before anything random happens for an
-    item, ``rng = item_rng(seed, epoch, index)`` (a ``numpy.random.Generator``, a pure function
-    of the three) becomes the random state of the whole pipeline, so ``self.transform.random_generator``
-    *is* the item's generator; anything else random for the item (the mosaic partners and the mosaic
-    pipeline's seed) draws from it too. Samples are thus identical whichever worker loads them and
-    however many workers there are. Reseeding costs ~15 us per item (~1 % of the augmentation).
-    """
-
-    def __init__(
-        self,
-        base: DetectionSource | CachedImages | ImageFolder,
-        transform: A.Compose,
-        size: int,
-        mosaic: MosaicTiler | None = None,
-        seed: int = 0,
-    ):
-        self.base, self.transform, self.size, self.mosaic, self.seed = base, transform, size, mosaic, seed
-        self.epoch = 0  # the epoch of plain integer keys
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, key: int | ItemKey) -> tuple[torch.Tensor, dict[str, Any]]:
-        i, epoch = (int(key[0]), int(key[1])) if isinstance(key, tuple) else (int(key), self.epoch)
-        rng = item_rng(self.seed, epoch, i)  # this item's random stream
-        self.transform.set_random_state(rng, random.Random(int(rng.integers(2**63))))
-        sample = self.base[i]
-        h, w = sample.get("orig_size", sample["image"].shape[:2])  # CachedImages: image pre-resized
-        tiled = self.mosaic(self.base, sample, rng, epoch) if self.mosaic else None
-        image, boxes, labels = tiled or apply(self.transform, sample["image"], sample["boxes"], sample["labels"])
-        target = {
-            "boxes": torch.from_numpy(boxes),  # (N, 4) xyxy input pixels
-            "labels": torch.from_numpy(labels),  # (N,)
-            "image_id": torch.tensor(sample["image_id"], dtype=torch.int64),
-            "orig_size": torch.tensor([h, w], dtype=torch.int64),
-            "letterbox": torch.tensor(letterbox_params((h, w), self.size), dtype=torch.float32),
-            "orig_boxes": torch.from_numpy(sample.get("orig_boxes", sample["boxes"])),  # (M, 4) original pixels
-            "orig_labels": torch.from_numpy(sample["labels"]),  # (M,)
-        }
-        # numpy transpose: torch's parallel uint8 permute stalls behind cv2's thread pool (~6 ms/image)
-        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), target  # (3, S, S) uint8
 
 
 class DetectionDataModule(L.LightningDataModule):
