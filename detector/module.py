@@ -246,12 +246,13 @@ class DetectorModule(L.LightningModule):
         metric.update(preds, gts)
 
     def _log_map(self, metric: MeanAveragePrecision, stage: str) -> None:
-        result = metric.compute()  # synchronised across processes by torchmetrics
+        result = metric.compute()  # from every process's detections: the same values on every rank
+        # sync_dist with max of identical values: exact, and Lightning's check for epoch metrics is met
         for k in MAP_KEYS:
-            self.log(f"{stage}/{k}", result[k].float(), prog_bar=k == "map_50")
+            self.log(f"{stage}/{k}", result[k].float(), prog_bar=k == "map_50", sync_dist=True, reduce_fx="max")
         # per class: -1 marks a class with no ground truth and no detection in this split
         for label, ap in zip(result["classes"].view(-1).tolist(), result["map_per_class"].view(-1)):
-            self.log(f"{stage}/map_class/{self.class_names[label]}", ap.float())
+            self.log(f"{stage}/map_class/{self.class_names[label]}", ap.float(), sync_dist=True, reduce_fx="max")
         metric.reset()
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
