@@ -151,13 +151,14 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 
 def _console(*args: str) -> subprocess.CompletedProcess:
-    """``detector-train`` as installed: pip's script when its entry point is pyproject.toml's, else the
+    """``detector-train`` as installed: pip's script when it calls pyproject.toml's entry point, else the
     call that script makes (``sys.exit(<entry point>())``), e.g. before the checkout is reinstalled."""
     target = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]["detector-train"]
     installed = {ep.name: ep.value for ep in entry_points(group="console_scripts")}.get("detector-train")
     script = shutil.which("detector-train", path=str(Path(sys.executable).parent)) or shutil.which("detector-train")
     module, func = target.split(":")
-    command = [script] if script and installed == target else [sys.executable, "-c", f"import sys; from {module} import {func}; sys.exit({func}())"]  # fmt: skip
+    current = script and installed == target and f"import {func}" in Path(script).read_text()
+    command = [script] if current else [sys.executable, "-c", f"import sys; from {module} import {func}; sys.exit({func}())"]  # fmt: skip
     return subprocess.run([*command, *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
 
 

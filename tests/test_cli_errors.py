@@ -29,7 +29,8 @@ def _argv(monkeypatch: pytest.MonkeyPatch) -> None:
 def _base(tmp_path: Path) -> list[str]:
     return ["--config", str(ROOT / "configs" / "default.yaml"), "--trainer.logger", "false",
             "--data.root", str(tmp_path / "shapes"), "--data.embedded.num_train", "4", "--data.embedded.num_val", "2",
-            "--data.embedded.min_size", "64", "--data.embedded.max_size", "96", "--data.num_workers", "0"]  # fmt: skip
+            "--data.embedded.min_size", "64", "--data.embedded.max_size", "96", "--data.num_workers", "0",
+            "--trainer.default_root_dir", str(tmp_path / "runs")]  # fmt: skip
 
 
 def _error(capsys: pytest.CaptureFixture, args: list[str]) -> str:
