@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 from typing import Any
 
 from jsonargparse import ArgumentError
@@ -45,7 +46,7 @@ class DetectorCLI(LightningCLI):
             super().parse_arguments(parser, args)
         except ArgumentError as err:
             argv = list(sys.argv[1:] if args is None else args)
-            subcommand = next((a for a in argv if a in SUBCOMMANDS), "fit")
+            subcommand = argv[0] if argv and argv[0] in SUBCOMMANDS else "fit"  # main() puts it first
             _user_error(summarize_parse_error(err, self._roots(subcommand), argv), err)
 
     def _roots(self, subcommand: str) -> dict[str, Any]:
@@ -88,10 +89,10 @@ class DetectorCLI(LightningCLI):
 
 
 def _user_error(message: str, err: BaseException | None = None) -> None:
-    """Print ``error: <message>`` (and, with ``DETECTOR_DEBUG=1``, the full exception) and exit 2."""
-    print(f"error: {message}", file=sys.stderr)
+    """Print ``error: <message>`` (after the full traceback when ``DETECTOR_DEBUG=1``) and exit 2."""
     if err is not None and os.environ.get("DETECTOR_DEBUG"):
-        print(repr(err), err, sep="\n", file=sys.stderr)
+        traceback.print_exception(err, file=sys.stderr)
+    print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
 

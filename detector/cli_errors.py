@@ -67,11 +67,10 @@ def summarize_parse_error(err: BaseException, roots: Roots, argv: Sequence[str] 
     if not keys:
         return " ".join(messages[0].split())
     path = ".".join(keys).split(".")
-    nested = [_NESTED.search(m) for m in messages]
-    nested_found = [n for n in nested if n]
-    if nested_found and nested_found[0].group(1).split(".")[-1] == "class_path":
+    nested = [found for m in messages if (found := _NESTED.search(m))]  # jsonargparse's (key, value) records
+    if nested and nested[0].group(1).split(".")[-1] == "class_path":
         path.append("class_path")
-    value = _value(messages, nested_found, path, argv)
+    value = _value(messages, nested, path, argv)
     hint = _resolve(roots, [p for p in path if p != "class_path"], class_paths)
     if hint is None:  # no signature to read: jsonargparse's innermost reason
         reason = next(_VALUE.sub("", m).strip() for m in reversed(messages) if m.strip())
@@ -114,7 +113,7 @@ def check_ckpt_path(path: str | Path | None) -> str | None:
 
 
 def describe(hint: Any) -> str:
-    """What a type hint accepts, in words: ``one of 'sgd', 'adamw'``, ``an int or null``, ``a Loss: A, B``."""
+    """What a type hint accepts, in words: ``one of 'sgd', 'adamw'``, ``an int or null``, ``a Loss (A, B)``."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is Literal:
         return "one of " + ", ".join(map(repr, args))
