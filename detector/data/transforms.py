@@ -194,7 +194,7 @@ def check_augment(augment: Augment, probe: bool = True) -> None:
 
 
 def _probe(augment: Augment) -> None:
-    """Run a copy of ``augment`` with every probability 1 on a 64 x 48 image with one box."""
+    """Run a copy of ``augment`` with every probability 1 on a 64 x 48 image with one box, letterboxed to 64."""
     transforms = copy.deepcopy(list(augment))
     for t in _walk(transforms):
         t.p = 1.0
@@ -202,7 +202,7 @@ def _probe(augment: Augment) -> None:
     image[8:40, 16:48] = 255
     boxes, labels = np.array([[16, 8, 48, 40]], np.float32), np.array([0])
     try:
-        out = _train_compose(transforms, seed=0)(image=image, bboxes=boxes, labels=labels)
+        out = _train_compose(_letterbox(64) + transforms, seed=0)(image=image, bboxes=boxes, labels=labels)
     except Exception as err:  # a transform's own failure, reported in one line with its cause chained
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise ValueError(f"data.augment fails on a test image: {type(err).__name__}: {first}") from err
