@@ -131,6 +131,17 @@ def test_default_written_out_in_yaml_is_the_default(shapes_root, tmp_path):
         assert torch.equal(a, b) and torch.equal(ta["boxes"], tb["boxes"])
 
 
+def test_configured_items_are_pure_functions_of_the_key(shapes_root):
+    """The item's generator reaches every configured transform, inside OneOf too (set_random_state)."""
+    augment = [A.OneOf([A.Blur(p=1.0), A.VerticalFlip(p=1.0)], p=0.7), A.RandomBrightnessContrast(p=0.5)]
+    dm = DetectionDataModule(root=str(shapes_root), image_size=SIZE, num_workers=0, augment=augment, seed=3)
+    dm.setup("fit")
+    first = [dm.train_set[ItemKey(i, 1)][0] for i in range(len(dm.train_set))]
+    again = [dm.train_set[ItemKey(i, 1)][0] for i in reversed(range(len(dm.train_set)))][::-1]
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not all(torch.equal(a, dm.train_set[ItemKey(i, 2)][0]) for i, a in enumerate(first))
+
+
 # --- a YAML pipeline moves the boxes with the pixels -------------------------------------------------
 
 
