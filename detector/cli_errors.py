@@ -85,13 +85,14 @@ def summarize_init_error(err: BaseException) -> str:
     """One line for an argument check that failed while the CLI built a class, prefixed with its key.
 
     The key is found in the outermost ``__init__`` frame of a model, datamodule, trainer or callback:
-    the parameter the message starts with, or the string parameter whose value it quotes.
+    the parameter the message starts with, or the string parameter whose value it quotes. A message
+    that already starts with the key, or names none, is left as it is.
     """
     message = " ".join(str(err).split()) or type(err).__name__
     for frame, _ in traceback.walk_tb(err.__traceback__):
         owner = frame.f_locals.get("self")
         group = _group_of(owner) if frame.f_code.co_name == "__init__" else None
-        if group is None:
+        if group is None or message.startswith(f"{group}."):  # not ours, or the key is named already
             continue
         for name in inspect.signature(type(owner)).parameters:
             if message.startswith(f"{name} "):
@@ -99,7 +100,7 @@ def summarize_init_error(err: BaseException) -> str:
             given = frame.f_locals.get(name)
             if isinstance(given, str) and given and repr(given) in message:
                 return f"{group}.{name}: {message}"
-        return f"{group}: {message}"
+        return message
     return message
 
 
