@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     stale = [] if args.force else stale_runs(grid, out)
     if stale:
-        parser.error(f"{out / 'runs'} holds {', '.join(stale)} run with other settings: --force, or another --out")
+        parser.error(f"{out / 'runs'} holds runs made with other settings ({', '.join(stale)}): --force reruns them")
     save_grid(grid, out)
     runs = load_runs(grid, out)
     todo = [i for i in range(len(grid)) if args.force or runs[grid.run_name(i)]["status"] != "ok"]

@@ -125,28 +125,27 @@ def run_file(out: Path, name: str) -> Path:
 
 
 def load_runs(grid: Grid, out: Path) -> dict[str, dict[str, Any]]:
-    """Every task's result by run name; ``{"status": "missing"}`` where no JSON exists, "failed" where
-    the JSON was written for other settings (another base config, recipe file or extra arguments)."""
+    """Every task's result by run name, as its JSON holds it; status "missing" where no JSON exists (or
+    only a failed one made with other settings), "stale" where a finished run was made with other
+    settings (another base config, recipe file or extra arguments)."""
     runs = {}
     for i in range(len(grid)):
         name = grid.run_name(i)
         recipe, seed = grid.task(i)
         base = {"run": name, "recipe": Path(recipe).stem, "seed": seed}
         path = run_file(out, name)
-        if not path.is_file():
-            runs[name] = {**base, "status": "missing", "error": None}
-            continue
-        result = json.loads(path.read_text())
-        if {k: result.get(k) for k in grid.identity(i)} != grid.identity(i):
-            result = {**base, "status": "failed", "error": f"{path} was written for other settings; rerun with --force"}
+        result = json.loads(path.read_text()) if path.is_file() else {**base, "status": "missing", "error": None}
+        if result["status"] != "missing" and {k: result.get(k) for k in grid.identity(i)} != grid.identity(i):
+            stale = result["status"] == "ok"
+            error = f"{path} was made with other settings; rerun with --force" if stale else None
+            result = {**base, "status": "stale" if stale else "missing", "error": error}
         runs[name] = result
     return runs
 
 
 def stale_runs(grid: Grid, out: Path) -> list[str]:
     """Names of finished runs whose JSON holds other settings than ``grid`` asks for."""
-    runs = load_runs(grid, out)
-    return [n for n, r in runs.items() if r["status"] == "failed" and "other settings" in (r.get("error") or "")]
+    return [n for n, r in load_runs(grid, out).items() if r["status"] == "stale"]
 
 
 class _AblationCLI(DetectorCLI):
@@ -246,7 +245,10 @@ def run_local(grid: Grid, indices: Sequence[int], out: Path, jobs: int) -> None:
         cmd = [sys.executable, "-m", f"{__package__}.ablate", "--config", grid.config, "--recipes", *grid.recipes]
         cmd += ["--seeds", *map(str, grid.seeds), "--out", str(out), "--group", grid.group, "--task", str(index)]
         cmd += ["--force", *resources, "--", *grid.extra]
-        env = dict(os.environ)
+        env = dict(os.environ)  # children import this package, unless their working directory holds one (as python -m)
+        env["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")])
+        )
         if jobs > 1:
             env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
         gpu = free.get()
