@@ -263,7 +263,7 @@ def run_local(grid: Grid, indices: Sequence[int], out: Path, jobs: int) -> None:
         finally:
             free.put(gpu)
         result = json.loads(run_file(out, name).read_text()) if run_file(out, name).is_file() else None
-        if rc != 0 and (result is None or result.get("status") == "ok"):
+        if result is None or (rc != 0 and result.get("status") == "ok"):  # died before writing its failure
             last = [line for line in log.read_text().splitlines() if line.strip()][-1:] or [""]
             result = {"run": name, "recipe": Path(grid.task(index)[0]).stem, **grid.identity(index)}
             result |= {"status": "failed", "error": f"exit status {rc}: {last[0]}"}

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from detector import ablate
+from detector import ablate, ablate_runs
 from detector.ablate_report import compare, markdown, mean_std, summarize
 from detector.ablate_runs import Grid, cores
 
@@ -197,3 +197,31 @@ def test_failed_run_is_reported_and_the_others_kept(
     assert f"| broken | 0 | – | – | – | failed: {failed['error']} |" in table and "| broken | 0/1 |" in table
     assert f"| paper | 0 | {kept['metrics']['val/map']:.4f} |" in table
     assert not (tmp_path / "out" / "runs" / "paper-s0.log").exists()  # the finished run was not rerun
+
+
+def test_local_runs_share_gpus_and_cores_and_record_a_crash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stand-in interpreter records each run's environment, holds its GPU for a moment and dies
+    (exit 137, as the kernel's OOM killer leaves it) without writing a result."""
+    fake = tmp_path / "python"
+    fake.write_text(
+        "#!/bin/bash\n"
+        f'lock={tmp_path}/gpu-$CUDA_VISIBLE_DEVICES; mkdir "$lock" 2>/dev/null || echo CLASH >> {tmp_path}/env\n'
+        f'echo "$CUDA_VISIBLE_DEVICES $OMP_NUM_THREADS $*" >> {tmp_path}/env\n'
+        'sleep 0.2; rmdir "$lock"; echo "Killed"; exit 137\n'
+    )
+    fake.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(fake))
+    monkeypatch.setattr(ablate_runs, "visible_gpus", lambda: ["3", "5"])
+    monkeypatch.setattr(ablate_runs, "cores", lambda: 8)
+    grid = Grid("base.yaml", ("a.yaml", "b.yaml"), (0, 1, 2), ("--trainer.max_epochs", "2"), "g")
+    ablate_runs.run_local(grid, range(6), tmp_path / "out", jobs=2)
+    lines = (tmp_path / "env").read_text().splitlines()
+    assert "CLASH" not in lines and len(lines) == 6  # never two runs on one GPU at a time
+    words = [line.split() for line in lines]
+    assert {w[0] for w in words} == {"3", "5"} and {w[1] for w in words} == {"4"}  # 8 cores // 2 jobs
+    assert sorted(int(w[w.index("--task") + 1]) for w in words) == list(range(6))
+    assert all(w[w.index("--threads") :][:4] == ["--threads", "4", "--max-workers", "3"] for w in words)
+    assert all(w[-3:] == ["--", "--trainer.max_epochs", "2"] for w in words)
+    runs = ablate_runs.load_runs(grid, tmp_path / "out")
+    assert {r["status"] for r in runs.values()} == {"failed"}
+    assert {r["error"] for r in runs.values()} == {"exit status 137: Killed"}
