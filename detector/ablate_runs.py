@@ -86,14 +86,16 @@ class Grid:
         return not any(a == "--trainer.logger" or a.startswith("--trainer.logger=") for a in self.extra)
 
     def train_args(self, index: int, out: Path) -> list[str]:
-        """The ``fit`` arguments of task ``index`` (checkpoints under ``OUT/runs/<run>`` when no logger names a folder)."""
+        """The ``fit`` arguments of task ``index``. Its files (W&B run, checkpoints, ``config.yaml``) go to
+        ``OUT/runs/<run>/``, where a logger other than W&B does not name its own folder."""
         recipe, seed = self.task(index)
         name = self.run_name(index)
+        run_dir = str(out / "runs" / name)
         args = ["fit", "--config", self.config, "--config", recipe, *self.extra]
-        args += ["--seed_everything", str(seed), "--data.seed", str(seed)]
-        args += ["--trainer.default_root_dir", str(out / "runs" / name)]
+        args += ["--seed_everything", str(seed), "--data.seed", str(seed), "--trainer.default_root_dir", run_dir]
         if self.uses_wandb:
             args += ["--trainer.logger.init_args.group", self.group, "--trainer.logger.init_args.name", name]
+            args += ["--trainer.logger.init_args.save_dir", run_dir]
         return args
 
 
