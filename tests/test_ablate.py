@@ -225,3 +225,21 @@ def test_local_runs_share_gpus_and_cores_and_record_a_crash(tmp_path: Path, monk
     runs = ablate_runs.load_runs(grid, tmp_path / "out")
     assert {r["status"] for r in runs.values()} == {"failed"}
     assert {r["error"] for r in runs.values()} == {"exit status 137: Killed"}
+
+
+def test_docs_example_table_is_what_the_code_writes() -> None:
+    """docs/ablation.md shows a report for made-up per-seed values: the code writes exactly its rows."""
+    block = (ROOT / "docs" / "ablation.md").read_text().split("it reads:\n\n```text\n", 1)[1].split("```", 1)[0]
+    summary_rows, run_rows = block.strip().split("\n\n")
+    runs = {}
+    for line in run_rows.splitlines()[2:]:
+        recipe, seed, m, m50, minutes, status = [c.strip() for c in line.strip("|").split("|")]
+        run = {"recipe": recipe, "seed": int(seed), "status": status.split(":")[0]}
+        if status == "ok":
+            run |= {"metrics": {"val/map": float(m), "val/map_50": float(m50)}, "minutes": float(minutes)}
+        else:
+            run["error"] = status.split(": ", 1)[1]
+        runs[f"{recipe}-s{seed}"] = run
+    recipes = list(dict.fromkeys(r["recipe"] for r in runs.values()))
+    table = markdown(summarize(runs, recipes, [0, 1, 2], reference=recipes[0]), runs, [0, 1, 2], "header")
+    assert summary_rows in table and run_rows in table
