@@ -231,46 +231,56 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def _task_command(grid: Grid, index: int, out: Path, resources: list[str]) -> list[str]:
+    """``python -m detector.ablate … --task index --force [resources] -- extra``: one run in its own process."""
+    cmd = [sys.executable, "-m", f"{__package__}.ablate", "--config", grid.config, "--recipes", *grid.recipes]
+    cmd += ["--seeds", *map(str, grid.seeds), "--out", str(out), "--group", grid.group, "--task", str(index)]
+    return [*cmd, "--force", *resources, "--", *grid.extra]
+
+
+def _settle(grid: Grid, index: int, out: Path, returncode: int, log: Path) -> dict[str, Any]:
+    """The run's result as its process left it; a process that died without writing its failure (killed,
+    out of memory) gets a "failed" JSON with its exit status and the last line of its log."""
+    path = run_file(out, grid.run_name(index))
+    result = json.loads(path.read_text()) if path.is_file() else None
+    if result is None or (returncode != 0 and result.get("status") == "ok"):
+        last = [line for line in log.read_text().splitlines() if line.strip()][-1:] or ["(no output)"]
+        cause = f"exit status {returncode}" if returncode != 0 else "exited without a result"
+        result = {"run": grid.run_name(index), "recipe": Path(grid.task(index)[0]).stem, **grid.identity(index)}
+        result |= {"status": "failed", "error": f"{cause}: {last[0]}"}
+        write_json(path, result)
+    return result
+
+
 def run_local(grid: Grid, indices: Sequence[int], out: Path, jobs: int) -> None:
     """Run the tasks ``indices`` as ``jobs`` concurrent processes (``python -m detector.ablate --task i``),
     each with ``cores() // jobs`` threads and at most that minus one data workers when ``jobs > 1``, and one
     GPU each (round-robin) when GPUs exist. A failed process leaves a "failed" JSON; the others go on."""
     gpus = visible_gpus()
-    free: queue.Queue[str | None] = queue.Queue()
+    free: queue.Queue[str | None] = queue.Queue()  # a slot per job: its GPU, handed back when its run ends
     for slot in range(jobs):
         free.put(gpus[slot % len(gpus)] if gpus else None)
     threads = max(1, cores() // jobs)
     resources = ["--threads", str(threads), "--max-workers", str(threads - 1)] if jobs > 1 else []
+    env = dict(os.environ)  # children import this package, unless their working directory holds one (as python -m)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")]))
+    if jobs > 1:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
 
     def one(k: int, index: int) -> None:
-        name = grid.run_name(index)
-        cmd = [sys.executable, "-m", f"{__package__}.ablate", "--config", grid.config, "--recipes", *grid.recipes]
-        cmd += ["--seeds", *map(str, grid.seeds), "--out", str(out), "--group", grid.group, "--task", str(index)]
-        cmd += ["--force", *resources, "--", *grid.extra]
-        env = dict(os.environ)  # children import this package, unless their working directory holds one (as python -m)
-        env["PYTHONPATH"] = os.pathsep.join(
-            filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")])
-        )
-        if jobs > 1:
-            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
-        gpu = free.get()
-        if gpu is not None:
-            env["CUDA_VISIBLE_DEVICES"] = gpu
-        log = out / "runs" / f"{name}.log"
+        name, log = grid.run_name(index), out / "runs" / f"{grid.run_name(index)}.log"
         with contextlib.suppress(FileNotFoundError):
             run_file(out, name).unlink()
+        gpu = free.get()
         try:
             with log.open("w") as f:
-                rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, check=False).returncode
+                run_env = env if gpu is None else {**env, "CUDA_VISIBLE_DEVICES": gpu}
+                cmd = _task_command(grid, index, out, resources)
+                rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=run_env, check=False).returncode
         finally:
             free.put(gpu)
-        result = json.loads(run_file(out, name).read_text()) if run_file(out, name).is_file() else None
-        if result is None or (rc != 0 and result.get("status") == "ok"):  # died before writing its failure
-            last = [line for line in log.read_text().splitlines() if line.strip()][-1:] or [""]
-            result = {"run": name, "recipe": Path(grid.task(index)[0]).stem, **grid.identity(index)}
-            result |= {"status": "failed", "error": f"exit status {rc}: {last[0]}"}
-            write_json(run_file(out, name), result)
-        status = "ok" if result and result["status"] == "ok" else f"failed ({result['error'] if result else rc})"
+        result = _settle(grid, index, out, rc, log)
+        status = "ok" if result["status"] == "ok" else f"failed ({result['error']})"
         print(f"{name} (task {k + 1} of {len(indices)}): {status}; log {log}", flush=True)
 
     (out / "runs").mkdir(parents=True, exist_ok=True)
