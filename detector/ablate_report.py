@@ -130,7 +130,7 @@ def markdown(summary: dict, runs: dict[str, dict[str, Any]], seeds: Sequence[int
 def plot(summary: dict, path: Path, reference: str) -> None:
     """One panel per metric: mean ± std as error bars (sample std), each seed's value as a dot beside it."""
     names = list(summary)
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(2 * (0.8 * len(names) + 1.5), 4.5), sharey=True)
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(2 * (0.8 * len(names) + 1.5), 4.5))
     for ax, metric in zip(axes, METRICS):
         for i, name in enumerate(names):
             stat = summary[name][metric]
