@@ -66,9 +66,24 @@ def _worker(rank: int, port: int, path: str) -> None:
 
 
 def test_every_recipe_file_builds() -> None:
-    assert {r.stem for r in RECIPES} >= {"darknet", "paper", "focal", "ghm", "pisa", "softmax", "giou", "ciou"}
+    assert {r.stem for r in RECIPES} >= {
+        "darknet",
+        "mse_obj",
+        "paper",
+        "focal",
+        "ghm",
+        "pisa",
+        "softmax",
+        "giou",
+        "ciou",
+    }
     names = {r.stem: type(load_recipe(r).objectness).__name__ for r in RECIPES}
-    assert names["darknet"] == "MSEObjectness" and names["focal"] == "FocalLoss" and names["pisa"] == "ISR"
+    assert (
+        names["mse_obj"] == "MSEObjectness"
+        and names["darknet"] == "BCEObjectness"
+        and names["focal"] == "FocalLoss"
+        and names["pisa"] == "ISR"
+    )
 
 
 @pytest.mark.timeout(300)
