@@ -8,7 +8,7 @@ import pytest
 import torch
 from torchvision.ops import box_iou
 
-from detector.losses import BCE, CARL, ISR, BoxSet, DarknetBoxLoss, FocalLoss, GIoULoss, SampleInfo
+from detector.losses import BCE, CARL, ISR, BoxSet, DarknetBoxLoss, FocalLoss, GIoULoss, SampleInfo, pisa
 from detector.losses.pisa import hierarchical_rank, iou_hlr_weights, nms_clusters, score_hlr_weights
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -144,8 +144,10 @@ def _greedy_clusters(boxes: torch.Tensor, scores: torch.Tensor, images: torch.Te
     return cluster
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_nms_clusters_equal_greedy_loop(seed):
+@pytest.mark.parametrize("seed, budget", [(0, None), (1, None), (2, 1000)])
+def test_nms_clusters_equal_greedy_loop(seed, budget, monkeypatch):
+    if budget is not None:  # many chunks of rows, the last one partial
+        monkeypatch.setattr(pisa, "IOU_BUDGET", budget)
     g = torch.Generator().manual_seed(seed)
     ctr, wh = torch.rand(120, 2, generator=g), 0.05 + torch.rand(120, 2, generator=g) * 0.3
     boxes, scores = torch.cat([ctr - wh / 2, ctr + wh / 2], 1), torch.rand(120, generator=g)

@@ -70,13 +70,18 @@ def _slots(groups: Tensor) -> tuple[Tensor, int]:
     return slot, int(slot.max()) + 1 if slot.numel() else 0
 
 
+IOU_BUDGET = 1 << 24  # elements of one chunk of nms_clusters' IoU matrix (64 MB in float32)
+
+
 def nms_clusters(boxes: Tensor, scores: Tensor, image_ids: Tensor, iou_thresh: float) -> Tensor:
     """Greedy NMS cluster of each box: ``boxes [K, 4]`` xyxy, ``scores [K]``, ``image_ids [K]`` -> ``[K]``.
 
     The cluster id is the index (into ``boxes``) of the highest-scoring NMS survivor of the same
     image whose IoU with the box exceeds ``iou_thresh`` and whose score is at least the box's own:
     the head that suppressed it. Survivors head their own cluster. Boxes and heads are laid out
-    per image, padded (``[I, K_max]``, ``[I, H_max]``), so the IoU matrix stays per image.
+    per image, padded (``[I, K_max]``, ``[I, H_max]``), so the IoU matrix stays per image; it is
+    computed in chunks of rows of at most ``IOU_BUDGET`` elements, so memory stays bounded however
+    many negatives take part.
     """
     # Dense image index: batched_nms offsets boxes by index × max coordinate, so raw ids (DDP
     # offsets them by rank << 32) would lose the boxes' precision in float32.
@@ -89,10 +94,16 @@ def nms_clusters(boxes: Tensor, scores: Tensor, image_ids: Tensor, iou_thresh: f
     score_pad = scores.new_zeros(n_img, k_max).index_put_((img, slot), scores)
     head_box = boxes.new_zeros(n_img, h_max, 4).index_put_((h_img, h_slot), boxes[heads])
     head_score = scores.new_full((n_img, h_max), -float("inf")).index_put_((h_img, h_slot), scores[heads])
-    member = batched_box_iou(box_pad, head_box) > iou_thresh  # (I, K_max, H_max)
-    member &= head_score[:, None, :] >= score_pad[:, :, None]  # padded heads (-inf) never match
-    member[h_img, slot[heads], h_slot] = True  # a survivor heads its own cluster, even a degenerate box
-    first = member.to(torch.uint8).argmax(-1)  # (I, K_max): first True = highest-scoring head
+    first = torch.empty(n_img, k_max, dtype=torch.long, device=boxes.device)  # (I, K_max)
+    step = max(1, IOU_BUDGET // max(n_img * h_max, 1))  # rows per chunk: bounded memory, any K
+    for start in range(0, k_max, step):
+        rows = slice(start, start + step)
+        member = batched_box_iou(box_pad[:, rows], head_box) > iou_thresh  # (I, step, H_max)
+        member &= head_score[:, None, :] >= score_pad[:, rows, None]  # padded heads (-inf) never match
+        first[:, rows] = member.to(torch.uint8).argmax(-1)  # first True = highest-scoring head
+    first[h_img, slot[heads]] = (
+        h_slot  # a survivor heads its own cluster (no earlier head overlaps it), even degenerate
+    )
     head_index = heads.new_zeros(n_img, h_max).index_put_((h_img, h_slot), heads)
     return head_index[img, first[img, slot]]
 
