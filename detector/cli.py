@@ -47,7 +47,11 @@ class DetectorCLI(LightningCLI):
         except ArgumentError as err:
             argv = list(sys.argv[1:] if args is None else args)
             subcommand = argv[0] if argv and argv[0] in SUBCOMMANDS else "fit"  # main() puts it first
-            _user_error(summarize_parse_error(err, self._roots(subcommand), argv), err)
+            try:
+                line = summarize_parse_error(err, self._roots(subcommand), argv)
+            except Exception:  # a summary that failed must not hide the error: jsonargparse's first line
+                line = str(err).strip().splitlines()[0]
+            _user_error(line, err)
 
     def _roots(self, subcommand: str) -> dict[str, Any]:
         """The classes behind the config's groups, and the subcommand's Trainer method (top-level keys)."""

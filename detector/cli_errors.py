@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import importlib
 import inspect
 import re
 import traceback
@@ -198,7 +199,10 @@ def _class_in(hint: Any, class_paths: list[str]) -> type | None:
     classes = [a for a in (typing.get_args(hint) or (hint,)) if isinstance(a, type) and a is not type(None)]
     for path in reversed(class_paths):
         module, _, name = path.rpartition(".")
-        found = getattr(__import__(module, fromlist=[name]), name, None) if module else None
+        try:  # the user's class_path: it may name no module at all
+            found = getattr(importlib.import_module(module), name, None) if module else None
+        except ImportError:
+            found = None
         if isinstance(found, type) and any(issubclass(found, c) for c in classes):
             return found
     return classes[0] if classes else None

@@ -50,7 +50,9 @@ def _error(capsys: pytest.CaptureFixture, args: list[str]) -> str:
         (["--model.optimizer", "adam"],
          "model.optimizer: 'adam' is not valid; did you mean adamw?; accepted: one of 'sgd', 'adamw'"),
         (["--model.loss.class_path", "detector.losses.NopeLoss"],
-         "model.loss.class_path: 'detector.losses.NopeLoss' is not valid; accepted: a YOLOLoss or null"),
+         "model.loss.class_path: 'detector.losses.NopeLoss' is not valid; accepted: a YOLOLoss"),
+        (["--model.loss.init_args.classification", "nowhere.NopeLoss"],  # a module that does not exist
+         "model.loss.classification: 'nowhere.NopeLoss' is not valid; accepted: a ClassificationLoss ("),
         (["--model.loss.init_args.normalize", "foo"],
          "model.loss.normalize: 'foo' is not valid; accepted: one of 'num_pos', 'batch', 'num_anchors'"),
         (["--data.multi_scale", "abc"], "data.multi_scale: 'abc' is not valid; accepted: a tuple[int, int] or null"),
@@ -68,7 +70,9 @@ def _error(capsys: pytest.CaptureFixture, args: list[str]) -> str:
     ],
 )  # fmt: skip
 def test_command_line_mistake(capsys: pytest.CaptureFixture, tmp_path: Path, extra: list[str], line: str) -> None:
-    assert _error(capsys, [*_base(tmp_path), *extra]) == f"error: {line}"
+    # a prefix: key, value and the start of what is accepted (a YOLOLoss subclass defined by another
+    # test module, or a new normalize mode, may lengthen the list)
+    assert _error(capsys, [*_base(tmp_path), *extra]).startswith(f"error: {line}")
 
 
 @pytest.mark.parametrize(
@@ -82,7 +86,7 @@ def test_command_line_mistake(capsys: pytest.CaptureFixture, tmp_path: Path, ext
 )  # fmt: skip
 def test_config_file_mistake(capsys: pytest.CaptureFixture, tmp_path: Path, text: str, line: str) -> None:
     (tmp_path / "mine.yaml").write_text(text)
-    assert _error(capsys, [*_base(tmp_path), "--config", str(tmp_path / "mine.yaml")]) == f"error: {line}"
+    assert _error(capsys, [*_base(tmp_path), "--config", str(tmp_path / "mine.yaml")]).startswith(f"error: {line}")
 
 
 def test_config_file_that_is_not_yaml(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
