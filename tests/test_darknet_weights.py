@@ -242,13 +242,16 @@ def test_whole_file_for_other_classes_skips_only_the_output_convs(tmp_path: Path
 
 def test_backbone_only_file_leaves_the_head_untouched(tmp_path: Path) -> None:
     # nano's Darknet-53: stem, 5 stride-2 convs, 7 residual blocks (3 sections each) = 27 sections
-    src, dst = randomised("nano", 3, seed=0), randomised("nano", 3, seed=1)
-    save_darknet(src, tmp_path / "nano.conv.26", cutoff=26)
-    before = {k: v.clone() for k, v in dst.state_dict().items()}
-    assert "first 20 conv layers" in load_darknet(dst, tmp_path / "nano.conv.26")
-    for k, v in dst.state_dict().items():
-        expected = src.state_dict()[k] if k.startswith("backbone.") and "num_batches" not in k else before[k]
-        torch.testing.assert_close(v, expected, rtol=1e-6, atol=0)
+    src = randomised("nano", 3, seed=0)
+    save_darknet(src, tmp_path / "nano.conv.26", cutoff=26)  # the cutoff from the name
+    (tmp_path / "backbone.weights").write_bytes((tmp_path / "nano.conv.26").read_bytes())  # from the size
+    for name in ("nano.conv.26", "backbone.weights"):
+        dst = randomised("nano", 3, seed=1)
+        before = {k: v.clone() for k, v in dst.state_dict().items()}
+        assert "first 20 conv layers" in load_darknet(dst, tmp_path / name)
+        for k, v in dst.state_dict().items():
+            expected = src.state_dict()[k] if k.startswith("backbone.") and "num_batches" not in k else before[k]
+            torch.testing.assert_close(v, expected, rtol=1e-6, atol=0)
 
 
 def test_files_that_do_not_fit_are_one_line_errors(tmp_path: Path) -> None:
