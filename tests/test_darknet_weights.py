@@ -309,7 +309,12 @@ def test_export_writes_weights_cfg_and_names(tmp_path: Path) -> None:
     assert [kind for kind, _ in cfg[1:]] == [s[0] for s in expected]
     for (kind, opts), sec in zip(cfg[1:], expected):
         if kind == "convolutional":
-            assert (opts["filters"], opts["size"], opts["stride"], opts["pad"]) == (str(sec[1]), str(sec[2]), str(sec[3]), "1")
+            assert (opts["filters"], opts["size"], opts["stride"], opts["pad"]) == (
+                str(sec[1]),
+                str(sec[2]),
+                str(sec[3]),
+                "1",
+            )
             assert (opts.get("batch_normalize"), opts["activation"]) == (("1", "leaky") if sec[4] else (None, "linear"))
         if kind == "yolo":
             assert opts["mask"] == sec[1] and (opts["classes"], opts["num"]) == ("3", "6")

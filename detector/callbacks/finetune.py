@@ -40,7 +40,9 @@ class FreezeBackbone(L.Callback):
         """The module frozen: ``pl_module.model.backbone`` (or ``pl_module.backbone``)."""
         module = getattr(getattr(pl_module, "model", None), "backbone", None) or getattr(pl_module, "backbone", None)
         if not isinstance(module, nn.Module):
-            raise AttributeError(f"FreezeBackbone needs a `model.backbone` or `backbone` module on {type(pl_module).__name__}")
+            raise AttributeError(
+                f"FreezeBackbone needs a `model.backbone` or `backbone` module on {type(pl_module).__name__}"
+            )
         return module
 
     def frozen(self, trainer: L.Trainer) -> bool:

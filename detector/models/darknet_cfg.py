@@ -64,8 +64,9 @@ def _backbone(backbone: nn.Module) -> tuple[list[DarknetLayer], list[int]]:
     if isinstance(backbone, Darknet53):
         layers.append(_conv(backbone.stem))
         for stage in backbone.stages:
-            layers.append(_conv(stage[0]))
-            for block in stage[1:]:
+            down, *blocks = stage.children()
+            layers.append(_conv(down))
+            for block in blocks:
                 assert isinstance(block, Residual)
                 layers += [_conv(m) for m in block.block]
                 layers.append(DarknetLayer("shortcut", {"from": "-3", "activation": "linear"}))
@@ -80,7 +81,9 @@ def _backbone(backbone: nn.Module) -> tuple[list[DarknetLayer], list[int]]:
                     layers.append(_conv(m))
             ends.append(len(layers) - 1)
         return layers, ends
-    raise ValueError(f"the darknet format covers the Darknet53 and TinyDarknet backbones, not {type(backbone).__name__}")
+    raise ValueError(
+        f"the darknet format covers the Darknet53 and TinyDarknet backbones, not {type(backbone).__name__}"
+    )
 
 
 def darknet_layers(model: YOLOv3) -> list[DarknetLayer]:
@@ -92,14 +95,20 @@ def darknet_layers(model: YOLOv3) -> list[DarknetLayer]:
         if j > 0:
             layers.append(DarknetLayer("upsample", {"stride": "2"}))
             layers.append(DarknetLayer("route", {"layers": f"-1, {ends[-1 - j]}"}))
-        layers += [_conv(m) for m in cset]
-        layers += [_conv(head[0]), _conv(head[1])]
+        layers += [_conv(m) for m in cset.children()]
+        layers += [_conv(m) for m in head.children()]  # the 3x3 conv, then the output 1x1
         scale = n_scales - 1 - j  # darknet's mask indexes the anchors listed shallow to deep
         mask = ",".join(str(scale * n_anchors + a) for a in range(n_anchors))
-        options = {"mask": mask, "anchors": anchors, "classes": str(model.num_classes), "num": str(n_scales * n_anchors)}
+        options = {
+            "mask": mask,
+            "anchors": anchors,
+            "classes": str(model.num_classes),
+            "num": str(n_scales * n_anchors),
+        }
         layers.append(DarknetLayer("yolo", {**options, "ignore_thresh": ".7", "truth_thresh": "1"}))
         if j < len(model.routes):
-            layers += [DarknetLayer("route", {"layers": "-4"}), _conv(model.routes[j][0])]
+            route_conv = next(model.routes[j].children())  # then the nn.Upsample
+            layers += [DarknetLayer("route", {"layers": "-4"}), _conv(route_conv)]
     return layers
 
 

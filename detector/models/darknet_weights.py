@@ -171,7 +171,9 @@ def load_darknet(model: YOLOv3, path: str | Path, cutoff: int | None = None) -> 
     header = read_header(path)
     size = path.stat().st_size - header.nbytes
     if size % 4:
-        raise ValueError(f"{where}: {size} bytes after the {header.nbytes}-byte header is not a whole number of float32")
+        raise ValueError(
+            f"{where}: {size} bytes after the {header.nbytes}-byte header is not a whole number of float32"
+        )
     flat = torch.from_numpy(np.fromfile(path, dtype="<f4", offset=header.nbytes))
     k, other = _plan(model, flat.numel(), cutoff, where)
     if not torch.isfinite(flat).all():
@@ -227,7 +229,9 @@ def export(ckpt: str | Path, out: str | Path, image_size: int | None = None) -> 
 
 def main(argv: list[str] | None = None) -> list[Path]:
     """``python -m detector.models.darknet_weights export --ckpt X.ckpt --out Y.weights [--image-size S]``."""
-    parser = argparse.ArgumentParser(prog="python -m detector.models.darknet_weights", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m detector.models.darknet_weights", description=__doc__.split("\n")[0]
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     exp = sub.add_parser("export", help="checkpoint -> darknet .weights + .cfg + .names")
     exp.add_argument("--ckpt", required=True, help="Lightning checkpoint of DetectorModule")
