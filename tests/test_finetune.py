@@ -10,6 +10,8 @@ from lightning.pytorch.callbacks import EarlyStopping
 from detector.callbacks import FreezeBackbone
 from detector.cli import DetectorCLI, cli_kwargs
 from detector.data import DetectionDataModule
+from detector.models import YOLOv3
+from detector.models.darknet_weights import save_darknet
 from detector.module import DetectorModule
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -48,7 +50,13 @@ class Snapshots(L.Callback):
 
 
 def test_finetune_config_freezes_the_backbone_then_trains_it(tmp_path: Path) -> None:
+    pretrained = YOLOv3(num_classes=1, preset="nano")  # a darknet backbone file, as darknet53.conv.74 is
+    with torch.no_grad():
+        for bn in (m for m in pretrained.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.running_var.uniform_(0.5, 2.0), bn.running_mean.normal_(0, 0.1), bn.bias.normal_(0, 0.1)
+    save_darknet(pretrained, tmp_path / "nano.conv.26", cutoff=26)
     cli = _cli(tmp_path, "--config", str(CONFIGS / "finetune.yaml"), "--model.preset", "nano",
+               "--model.weights", str(tmp_path / "nano.conv.26"),
                "--trainer.max_epochs", "3", "--trainer.check_val_every_n_epoch", "5")  # fmt: skip
     assert (cli.model.hparams["lr"], cli.model.hparams["warmup_epochs"]) == (0.001, 3.0)
     freeze = [c for c in cli.trainer.callbacks if isinstance(c, FreezeBackbone)]
@@ -58,6 +66,9 @@ def test_finetune_config_freezes_the_backbone_then_trains_it(tmp_path: Path) -> 
     cli.trainer.fit(cli.model, cli.datamodule)
     assert cli.trainer.global_step == 6 and len(snaps.states) == 4  # 2 steps per epoch; start + 3 epochs
     assert snaps.backbone_training == [False] * 4 + [True] * 2  # eval mode while frozen
+    for k, v in pretrained.backbone.state_dict().items():  # loaded by --model.weights
+        if "num_batches" not in k:
+            torch.testing.assert_close(snaps.states[0][k], v, rtol=1e-6, atol=0)
     for epoch in (1, 2):  # frozen: parameters and running statistics exactly as loaded
         assert all(torch.equal(v, snaps.states[0][k]) for k, v in snaps.states[epoch].items())
     changed = [k for k, v in snaps.states[3].items() if not torch.equal(v, snaps.states[2][k])]
