@@ -2,6 +2,7 @@
 
 from .diagnostics import ImbalanceDiagnostics, ImbalanceStats
 from .ema import EMA
+from .finetune import FreezeBackbone
 from .monitors import EpochTimer, LearningRateMonitor, ThroughputMonitor
 from .predictions import CocoPredictionWriter
 from .wandb_media import WandbClassAP, WandbDetectionImages
@@ -11,6 +12,7 @@ __all__ = [
     "EMA",
     "CocoPredictionWriter",
     "EpochTimer",
+    "FreezeBackbone",
     "ImbalanceDiagnostics",
     "ImbalanceStats",
     "LearningRateMonitor",
