@@ -18,6 +18,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from . import losses
 from .data import DetectionDataModule
+from .data.checks import DataError, data_error_message
 from .models import PRESETS
 from .module import DetectorModule
 
@@ -48,6 +49,15 @@ class DetectorCLI(LightningCLI):
             super().instantiate_classes()
         except (ValueError, FileNotFoundError) as err:  # raised by our argument checks: a user mistake
             print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run as LightningCLI does; bad input found while running (a val/test split is built at setup,
+        ``strict`` stops at load time) exits 2 with the same ``error:`` report as a bad training split."""
+        try:
+            super()._run_subcommand(subcommand)
+        except DataError as err:
+            print(f"error: {data_error_message(err)}", file=sys.stderr)
             sys.exit(2)
 
     def after_fit(self) -> None:
