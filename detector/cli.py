@@ -21,6 +21,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from .cli_errors import check_ckpt_path, summarize_init_error, summarize_parse_error
 from .data import DetectionDataModule
+from .data.checks import DataError, data_error_message
 from .module import DetectorModule
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -80,6 +81,14 @@ class DetectorCLI(LightningCLI):
             super().instantiate_classes()
         except (ValueError, FileNotFoundError, MisconfigurationException) as err:  # argument checks: a user mistake
             _user_error(summarize_init_error(err), err)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run as LightningCLI does; bad input found while running (a val/test split is built at setup,
+        ``strict`` stops at load time) exits 2 with the same ``error:`` report as a bad training split."""
+        try:
+            super()._run_subcommand(subcommand)
+        except DataError as err:
+            _user_error(data_error_message(err), err)
 
     def after_fit(self) -> None:
         """Validate the best checkpoint (the last weights when none was saved) and print the table."""
