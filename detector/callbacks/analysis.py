@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
+from torchvision.ops import box_convert
 
 from ..analysis import EvalData, best_f1, confusion_matrix, f1_curves, pr_curves, true_positives
 from ..loggers import log_to_wandb, wandb_run
@@ -19,7 +20,7 @@ from ..metrics import ShardedMeanAveragePrecision
 from ..plots import plot_confusion_matrix, plot_f1_curves, plot_pr_curves
 from .results import run_dir
 
-# per-image states of the module's MeanAveragePrecision that the analysis reads
+# per-image states of the module's MeanAveragePrecision that the analysis reads (boxes: xywh, as torchmetrics keeps them)
 STATES = ("detection_box", "detection_scores", "detection_labels", "groundtruth_box", "groundtruth_labels", "image_ids")
 
 
@@ -149,7 +150,7 @@ class DetectionAnalysis(L.Callback):
         }  # fmt: skip
         summary = {
             "stage": stage, "iou_threshold": iou, "score_threshold": self.score_threshold, "classes": names,
-            "images": len(data.boxes), "ground_truths": n_gt.tolist(), "confusion_matrix": matrix.tolist(),
+            "images": len(data.boxes), "detections": len(scores), "ground_truths": n_gt.tolist(), "confusion_matrix": matrix.tolist(),
             "ap": [None if row.isnan().any() else float(row.mean()) for row in precision],
             "best_f1": None if best is None else {
                 "conf": best.conf, "f1": best.f1, "precision": best.precision, "recall": best.recall,
@@ -166,12 +167,14 @@ def gather(
     """Every process's kept per-image states, gathered, and (when ``compute``) torchmetrics' extended
     summary at ``iou_threshold`` over all of them. A collective: every process calls it.
 
-    The gather is ``ShardedMeanAveragePrecision``'s (processes may hold different numbers of images).
-    The analysis does not depend on the order of the images. Returns ``(None, None)`` when no process
-    holds an image, or when not ``compute``.
+    ``kept`` holds the states as torchmetrics stores them (:data:`STATES`; boxes ``[N, 4]`` xywh, the
+    COCO backends' format, whatever ``box_format`` the metric was given); the returned
+    :class:`EvalData` has xyxy boxes. The gather is ``ShardedMeanAveragePrecision``'s (processes may
+    hold different numbers of images); the analysis does not depend on the order of the images.
+    Returns ``(None, None)`` when no process holds an image, or when not ``compute``.
     """
     metric = ShardedMeanAveragePrecision(
-        box_format="xyxy", iou_type="bbox", backend="faster_coco_eval", iou_thresholds=[iou_threshold],
+        box_format="xywh", iou_type="bbox", backend="faster_coco_eval", iou_thresholds=[iou_threshold],
         extended_summary=True, sync_on_compute=False,
     ).to(device)  # fmt: skip
     if kept["image_ids"]:
@@ -187,5 +190,7 @@ def gather(
     metric.sync()  # all processes' images (a no-op on one process); compute() below un-syncs again
     if not compute or not metric.image_ids:
         return None, None
-    data = EvalData(*(list(getattr(metric, name)) for name in STATES[:5]))  # read before compute un-syncs
+    boxes = [[box_convert(b, "xywh", "xyxy") for b in getattr(metric, name)] for name in STATES[0:4:3]]
+    data = EvalData(boxes[0], list(metric.detection_scores), list(metric.detection_labels), boxes[1],
+                    list(metric.groundtruth_labels))  # fmt: skip  # read before compute un-syncs
     return data, metric.compute()
