@@ -279,3 +279,14 @@ def test_callback_reads_the_module_metric(tmp_path: Path) -> None:
     assert summary["ap"][:2] == pytest.approx([(51 + 50 * 2 / 3) / 101, 1.0]) and summary["ap"][2] is None
     assert sum(summary["ap"][:2]) / 2 == pytest.approx(map_50)
     assert all((tmp_path / f"val_{name}.png").is_file() for name in ("confusion_matrix", "pr_curve", "f1_curve"))
+
+
+def test_tied_scores_count_together() -> None:
+    # two a; one found at 0.9, the other at 0.5 together with 3 false positives at the same 0.5. A threshold
+    # keeps all of the tied ones or none: F1 = 2·1/(2 + 1) = 2/3 at 0.9 and 2·2/(2 + 5) = 4/7 at 0.5, so the
+    # best is 0.9 (the true positive at 0.5 alone would give 2·2/(2 + 2) = 1, but no threshold keeps it alone).
+    far = [[50.0 + 20 * i, 50, 60 + 20 * i, 60] for i in range(3)]
+    img = _image([SQUARE, [20, 0, 30, 10]], [A, A], [SQUARE, [20, 0, 30, 10], *far], [A] * 5, [0.9, 0.5, 0.5, 0.5, 0.5])
+    best = best_f1(*true_positives(_data([img]), 1))
+    assert best.conf == pytest.approx(0.9) and best.f1 == pytest.approx(2 / 3)
+    assert f1_curves(*true_positives(_data([img]), 1), T([0.5]))[A].tolist() == pytest.approx([4 / 7])
