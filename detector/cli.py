@@ -20,6 +20,7 @@ from . import losses
 from .data import DetectionDataModule
 from .models import PRESETS
 from .module import DetectorModule
+from .runs import ResumeError, RunConfigSaver, prepare_run
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -40,6 +41,16 @@ class DetectorCLI(LightningCLI):
             print(f"error: {summarize_parse_error(str(err))}", file=sys.stderr)
             if os.environ.get("DETECTOR_DEBUG"):
                 print(err, file=sys.stderr)
+            sys.exit(2)
+
+    def before_instantiate_classes(self) -> None:
+        """Check ``--ckpt_path`` and resolve ``last`` to this configuration's latest run (detector/runs.py)."""
+        if self.subcommand is None:
+            return
+        try:
+            prepare_run(self.subcommand, self._parser(self.subcommand), self.config[self.subcommand])
+        except ResumeError as err:
+            print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
 
     def instantiate_classes(self) -> None:
@@ -74,6 +85,7 @@ def cli_kwargs() -> dict:
     """The keyword arguments ``main`` gives ``DetectorCLI`` (tests build the same CLI with ``run=False``)."""
     return {
         "seed_everything_default": 0,
+        "save_config_callback": RunConfigSaver,  # config.yaml in the run's folder (detector/runs.py)
         "save_config_kwargs": {"overwrite": True},
         "auto_configure_optimizers": False,
         "parser_kwargs": {"exit_on_error": False},
