@@ -134,52 +134,60 @@ class WandbLogger(_LightningWandbLogger):
         )
         self._log_model = log_model  # set here: Lightning refuses log_model offline, wandb records it for `wandb sync`
         self._logged: dict[str, float] = {}  # "path|aliases" -> modification time when logged
+        self._saved: set[str] = set()  # checkpoint files written since they were last logged
 
     def after_save_checkpoint(self, checkpoint_callback: ModelCheckpoint) -> None:
-        """Remember every ``ModelCheckpoint``; with ``log_model="all"`` log the best and latest now."""
+        """Note the ``ModelCheckpoint``'s files (to log when ``fit`` ends); ``log_model="all"``: log now."""
         self._checkpoint_callbacks[id(checkpoint_callback)] = checkpoint_callback
+        self._saved.update(p for p in (checkpoint_callback.best_model_path, checkpoint_callback.last_model_path) if p)
         if self._log_model == "all":
             self._log_checkpoints()
 
     @rank_zero_only
     def finalize(self, status: str) -> None:
-        """Log the best and latest checkpoints (``log_model``) after a successful fit; offline, say
-        where the run was written and how to upload it."""
-        if status == "success" and self._log_model:
+        """Log the best and latest checkpoints (``log_model``) after a ``fit`` that saved any and
+        succeeded; offline, say where the run was written and how to upload it."""
+        if status == "success" and self._log_model and self._saved:
             self._log_checkpoints()
         if self._offline and self._experiment is not None:
             run_dir = Path(self._experiment.dir).parent
             rank_zero_info(f"W&B run written offline to {run_dir}; upload it with: wandb sync {run_dir}")
 
     def _log_checkpoints(self) -> None:
-        """Log ``best`` then ``latest`` (W&B moves ``latest`` to the newest version), each unless
-        already logged unchanged; ``latest`` again whenever ``best`` was just logged."""
+        """Log ``best`` then ``latest``, each unless already logged unchanged, and ``latest`` again
+        whenever ``best`` was just logged: wandb gives every logged version the alias ``latest`` too,
+        and W&B keeps it on the newest one."""
         if self._experiment is None or getattr(self._experiment, "disabled", False):
             return
         callbacks = list(self._checkpoint_callbacks.values())
-        files = {p for cb in callbacks for p in (cb.best_model_path, cb.last_model_path) if p and Path(p).is_file()}
-        if not files:
+        paths = {p for p in self._saved if Path(p).is_file()}  # top-k files replaced since are gone
+        self._saved = paths
+        if not paths:
             return
-        ranked = next((cb for cb in callbacks if cb.monitor and Path(cb.best_model_path or "").is_file()), None)
-        latest = max(files, key=lambda p: Path(p).stat().st_mtime)
+        saved = {p: _epoch_step(p) for p in paths}
+        # the newest state; at equal steps a last*.ckpt (the file --ckpt_path last resumes), then the newer file
+        latest = max(paths, key=lambda p: (saved[p][1], Path(p).name.startswith("last"), Path(p).stat().st_mtime))
+        ranked = next((cb for cb in callbacks if cb.monitor and cb.best_model_path in paths), None)
         if ranked is None or ranked.best_model_path == latest:
-            self._log_checkpoint(latest, ["best", "latest"], ranked.best_model_score if ranked else None)
-        elif self._log_checkpoint(ranked.best_model_path, ["best"], ranked.best_model_score):
-            self._log_checkpoint(latest, ["latest"], None, force=True)
+            score = ranked.best_model_score if ranked else None
+            self._log_checkpoint(latest, ["best", "latest"], saved[latest], score)
+        elif self._log_checkpoint(
+            ranked.best_model_path, ["best"], saved[ranked.best_model_path], ranked.best_model_score
+        ):
+            self._log_checkpoint(latest, ["latest"], saved[latest], None, force=True)
         else:
-            self._log_checkpoint(latest, ["latest"], None)
+            self._log_checkpoint(latest, ["latest"], saved[latest], None)
 
-    def _log_checkpoint(self, path: str, aliases: list[str], score: Any, force: bool = False) -> bool:
+    def _log_checkpoint(
+        self, path: str, aliases: list[str], epoch_step: tuple[int, int], score: Any, force: bool = False
+    ) -> bool:
         """One version of the ``model`` artifact, its epoch and step in the metadata and the summary;
         False (nothing logged) when this file was logged unchanged with these aliases before."""
         import wandb
 
         run: Any = self._experiment
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        epoch, step = int(state.get("epoch", -1)), int(state.get("global_step", -1))
-        run.summary.update(
-            {f"model/{alias}/{key}": value for alias in aliases for key, value in (("epoch", epoch), ("step", step))}
-        )
+        epoch, step = epoch_step
+        run.summary.update({f"model/{a}/{k}": v for a in aliases for k, v in (("epoch", epoch), ("step", step))})
         key = f"{path}|{','.join(aliases)}"
         mtime = Path(path).stat().st_mtime
         if self._logged.get(key) == mtime and not force:
@@ -188,11 +196,16 @@ class WandbLogger(_LightningWandbLogger):
         metadata = {"epoch": epoch, "step": step, "original_filename": Path(path).name}
         if score is not None:
             metadata["score"] = float(score)
-        artifact = wandb.Artifact(name=self._checkpoint_name or f"model-{run.id}", type="model",
-                                  metadata=metadata)  # fmt: skip
+        artifact = wandb.Artifact(name=self._checkpoint_name or f"model-{run.id}", type="model", metadata=metadata)
         artifact.add_file(path, name="model.ckpt", policy=self.add_file_policy)
         run.log_artifact(artifact, aliases=aliases)
         return True
+
+
+def _epoch_step(path: str) -> tuple[int, int]:
+    """``(epoch, global_step)`` stored in a Lightning checkpoint (memory-mapped: the tensors are not read)."""
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return int(state.get("epoch", -1)), int(state.get("global_step", -1))
 
 
 def wandb_run(trainer: L.Trainer) -> Any | None:

@@ -61,9 +61,9 @@ def default_checkpoints() -> list[ModelCheckpoint]:
 
 
 def trainer(root: Path, callbacks: list, **kwargs) -> L.Trainer:  # noqa: ANN003
-    """A CPU trainer without logger writing to ``root/checkpoints``, no sanity check, quiet."""
-    defaults = {"num_sanity_val_steps": 0, "enable_progress_bar": False, "enable_model_summary": False}
-    return L.Trainer(default_root_dir=root, logger=False, callbacks=callbacks, **{**defaults, **kwargs})
+    """A CPU trainer (without logger unless given) writing to ``root/checkpoints``, no sanity check, quiet."""
+    defaults = {"logger": False, "num_sanity_val_steps": 0, "enable_progress_bar": False, "enable_model_summary": False}
+    return L.Trainer(default_root_dir=root, callbacks=callbacks, **{**defaults, **kwargs})
 
 
 def saved(path: Path) -> tuple[int, int]:
