@@ -60,7 +60,8 @@ def _kill_when(args: list[str], tmp_path: Path, pattern: str) -> Path:
     while not found and proc.poll() is None and time.monotonic() < deadline:
         found = list(tmp_path.glob(pattern))
         time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL, f"not killed (returncode {proc.returncode}): {err[-2000:]!r}"
     assert found, f"{pattern} never appeared"
@@ -157,7 +158,7 @@ def test_kill_early_in_epoch_2_with_the_default_wandb_logger(tmp_path: Path) -> 
     cli = main([*command, "--ckpt_path", "last"])  # the same command, WANDB_MODE=offline (conftest)
     resumed_id = cli.trainer.logger.experiment.id
     wandb.finish()
-    assert cli.config.fit.ckpt_path == str(last) and resumed_id == run_id  # same folder, same W&B run
+    assert resumed_id == run_id and cli.config.fit.ckpt_path == str(last)  # same W&B run, same folder
     assert [p.name for p in (runs / "detector").iterdir()] == [run_id]
     assert sorted(p.name for p in last.parent.parent.iterdir()) == ["checkpoints", "config.yaml"]
     assert {p.name.rsplit("-", 1)[1] for p in (runs / "wandb").glob("offline-run-*")} == {run_id}  # 2 starts, 1 run

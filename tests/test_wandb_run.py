@@ -231,6 +231,12 @@ def test_best_and_latest_artifacts_say_which_epoch(tmp_path: Path, monkeypatch: 
     }  # fmt: skip
 
 
+def test_a_given_run_id_is_resumed(tmp_path: Path) -> None:
+    """The CLI passes every unset wandb.init argument as None; resume=None would start a new run under the id."""
+    logger = WandbLogger(save_dir=str(tmp_path), id="abc123", resume=None)
+    assert (logger.version, logger._wandb_init["id"], logger._wandb_init["resume"]) == ("abc123", "abc123", "allow")
+
+
 @pytest.mark.parametrize("logger", ["none", "csv"])
 def test_wandb_pieces_stand_aside_without_a_wandb_logger(logger: str, tmp_path: Path) -> None:
     trainer = L.Trainer(logger=CSVLogger(tmp_path) if logger == "csv" else False, enable_progress_bar=False,
