@@ -117,3 +117,19 @@ def test_a_checkpoint_of_a_run_folder_continues_that_run(tmp_path: Path) -> None
 def test_missing_checkpoint_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture, subcommand: str) -> None:
     err = _error(capsys, subcommand, _args(tmp_path, "--ckpt_path", "nope.ckpt"))
     assert err == "error: --ckpt_path nope.ckpt: no such file"
+
+
+def test_last_with_a_csv_logger_resumes_its_version(tmp_path: Path) -> None:
+    csv = ["--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.init_args.save_dir",
+           str(tmp_path / "csv")]  # fmt: skip
+    args = [*_args(tmp_path)[:4], "--trainer.default_root_dir", str(tmp_path / "root"), *csv]
+    config, parser = _resolve("fit", args)
+    for version, mtime in (("version_0", 2e9), ("version_1", 1e9)):
+        folder = tmp_path / "csv" / "lightning_logs" / version
+        (folder / "checkpoints").mkdir(parents=True)
+        parser.save(config, folder / "config.yaml", skip_unset=False, multifile=False)
+        torch.save({}, folder / "checkpoints" / "last.ckpt")
+        os.utime(folder / "checkpoints" / "last.ckpt", (mtime, mtime))
+    config, _ = _resolve("fit", [*args, "--ckpt_path", "last"])
+    assert config.trainer.logger.init_args.version == "version_0"  # CSVLogger's folder: lightning_logs/version_0
+    assert config.ckpt_path == str(tmp_path / "csv" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt")
