@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import albumentations as A
 import cv2
 import lightning as L
 import torch
@@ -33,6 +34,8 @@ from detector.data.samplers import (
 )
 from detector.data.shapes import ShapesConfig, ensure_shapes
 from detector.data.transforms import (
+    augment_hparams,
+    check_augment,
     mosaic_transforms,
     random_batch_size,
     resize_batch,
@@ -62,6 +65,10 @@ class DetectionDataModule(L.LightningDataModule):
         batch_size: images per batch (per process under DDP).
         num_workers: dataloader worker processes (0 = load in the main process).
         pin_memory: pin batches in page-locked memory (useful on GPU).
+        augment: the training augmentation, a list of albumentations transforms (``class_path``/
+            ``init_args`` in a config), run after the letterbox (or mosaic) with the template's box
+            handling; ``None`` = ``default_augment()`` (scale/translate, horizontal flip, HSV jitter).
+            See ``docs/augmentation.md``.
         mosaic: probability that a training image is a 2 x 2 mosaic of four images (0 = off).
         close_mosaic: no mosaic in the last this many training epochs (YOLOX), 0 = mosaic to the end.
         multi_scale: ``[low, high]``: each training batch is resized on device to a random multiple
@@ -101,6 +108,7 @@ class DetectionDataModule(L.LightningDataModule):
         batch_size: int = 16,
         num_workers: int = 2,
         pin_memory: bool = False,
+        augment: list[A.BasicTransform | A.BaseCompose] | None = None,
         mosaic: float = 0.0,
         close_mosaic: int = 0,
         multi_scale: tuple[int, int] | None = None,
@@ -109,9 +117,14 @@ class DetectionDataModule(L.LightningDataModule):
         predict_images: str | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["class_names"])  # the model logs the resolved names; a None here would clash
+        # class_names: the model logs the resolved names; a None here would clash
+        self.save_hyperparameters(ignore=["class_names", "augment"])
         _check_args(image_size, batch_size, num_workers)
         _check_augment_args(mosaic, close_mosaic, multi_scale)
+        if augment is not None:
+            check_augment(augment)
+        self.augment = augment
+        self.hparams["augment"] = augment_hparams(augment)  # plain data: checkpoints load with weights_only
         # Single-threaded OpenCV, set before any worker is forked: loader processes must not crowd the
         # training threads, and a forked child of a process with a live cv2 thread pool can deadlock.
         cv2.setNumThreads(1)
@@ -184,8 +197,9 @@ class DetectionDataModule(L.LightningDataModule):
         size = self.image_size
         if split == "train":
             base = CachedImages(self._train_base, size) if self.cache else self._train_base
-            mosaic = MosaicTiler(mosaic_transforms(size), self.mosaic) if self.mosaic > 0 else None
-            return TransformedDataset(base, train_transforms(size), size, mosaic=mosaic, seed=self._seed)
+            aug = self.augment
+            mosaic = MosaicTiler(mosaic_transforms(size, augment=aug), self.mosaic) if self.mosaic > 0 else None
+            return TransformedDataset(base, train_transforms(size, augment=aug), size, mosaic=mosaic, seed=self._seed)
         base = self._open(split, category_ids=self.category_ids, class_names=self.class_names)
         return TransformedDataset(CachedImages(base, size) if self.cache else base, val_transforms(size), size)
 
