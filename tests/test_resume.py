@@ -54,6 +54,9 @@ def _kill_when(args: list[str], tmp_path: Path, pattern: str) -> Path:
     """Run the CLI on ``args`` in a subprocess; SIGKILL it as soon as a file matching ``pattern`` (under
     ``tmp_path``) exists, and return that file. Checkpoints appear complete (written, then renamed)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop(
+        "WANDB_SERVICE", None
+    )  # its own wandb service, as after a real crash (not this process's, set by earlier tests)
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, env=env)  # fmt: skip
     deadline, found = time.monotonic() + 600, []
@@ -158,6 +161,7 @@ def test_kill_early_in_epoch_2_with_the_default_wandb_logger(tmp_path: Path) -> 
     cli = main([*command, "--ckpt_path", "last"])  # the same command, WANDB_MODE=offline (conftest)
     resumed_id = cli.trainer.logger.experiment.id
     wandb.finish()
+    wandb.teardown()  # stop this process's wandb service: later subprocesses must not inherit it (WANDB_SERVICE)
     assert resumed_id == run_id and cli.config.fit.ckpt_path == str(last)  # same W&B run, same folder
     assert [p.name for p in (runs / "detector").iterdir()] == [run_id]
     assert sorted(p.name for p in last.parent.parent.iterdir()) == ["checkpoints", "config.yaml"]

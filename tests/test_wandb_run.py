@@ -13,6 +13,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import wandb
 from lightning.pytorch.loggers import CSVLogger
 from tiny_fit import STEPS_PER_EPOCH, Scripted, default_checkpoints, trainer
 from wandb.proto import wandb_internal_pb2
@@ -219,6 +220,7 @@ def test_best_and_latest_artifacts_say_which_epoch(tmp_path: Path, monkeypatch: 
     fit = trainer(tmp_path, default_checkpoints(), logger=logger, max_epochs=4, check_val_every_n_epoch=2)
     fit.fit(Scripted(maps=[0.5, 0.2]))
     logger.experiment.finish()
+    wandb.teardown()  # stop this process's wandb service: later subprocesses must not inherit it (WANDB_SERVICE)
     artifacts, summary = _read(tmp_path / "runs")
     models = _models(artifacts)
     assert [(aliases, m["epoch"], m["step"], m["original_filename"]) for aliases, m in models] == [
