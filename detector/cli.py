@@ -23,6 +23,7 @@ from .cli_errors import check_ckpt_path, summarize_init_error, summarize_parse_e
 from .data import DetectionDataModule
 from .data.checks import DataError, data_error_message
 from .module import DetectorModule
+from .runs import ResumeError, RunConfigSaver, prepare_run
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 FIT_HELP = (
@@ -75,6 +76,16 @@ class DetectorCLI(LightningCLI):
         if self.subcommand != "fit" and config.get("ckpt_path") and names and ids is not None:
             config.data.class_names, config.data.category_ids = list(names), list(ids)
 
+    def before_instantiate_classes(self) -> None:
+        """Check ``--ckpt_path`` and resolve ``last`` to this configuration's latest run (detector/runs.py)."""
+        if self.subcommand is None:
+            return
+        try:
+            prepare_run(self.subcommand, self._parser(self.subcommand), self.config[self.subcommand])
+        except ResumeError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+
     def instantiate_classes(self) -> None:
         """Instantiate as LightningCLI does; a failed argument check exits 2 with one line naming the key."""
         try:
@@ -109,6 +120,7 @@ def cli_kwargs() -> dict:
     """The keyword arguments ``main`` gives ``DetectorCLI`` (tests build the same CLI with ``run=False``)."""
     return {
         "seed_everything_default": 0,
+        "save_config_callback": RunConfigSaver,  # config.yaml in the run's folder (detector/runs.py)
         "save_config_kwargs": {"overwrite": True},
         "auto_configure_optimizers": False,
         # allow_abbrev (the subcommands inherit it): no abbreviated options, jsonargparse 5's default, so
