@@ -59,13 +59,19 @@ class DetectorCLI(LightningCLI):
         return {k: v for k, v in roots.items() if v is not None}
 
     def before_instantiate_classes(self) -> None:
-        """Stop on a ``ckpt_path`` that names no checkpoint, before any data is read; give the data the
-        checkpoint's class mapping for validate/test/predict."""
-        if self.subcommand is not None:
-            message = check_ckpt_path(self.config[self.subcommand].get("ckpt_path"))
-            if message:
-                _user_error(message)
-            self._mapping_from_checkpoint()
+        """Before any data is read: stop on a ``ckpt_path`` that names no checkpoint, resolve ``last`` to
+        this configuration's latest run (``detector/runs.py``), and give the data the checkpoint's class
+        mapping for validate/test/predict."""
+        if self.subcommand is None:
+            return
+        message = check_ckpt_path(self.config[self.subcommand].get("ckpt_path"))
+        if message:
+            _user_error(message)
+        try:
+            prepare_run(self.subcommand, self._parser(self.subcommand), self.config[self.subcommand])
+        except ResumeError as err:
+            _user_error(str(err), err)
+        self._mapping_from_checkpoint()
 
     def _mapping_from_checkpoint(self) -> None:
         """validate/test/predict ``--ckpt_path``: the class names and category ids the model was trained
@@ -75,16 +81,6 @@ class DetectorCLI(LightningCLI):
         names, ids = config.model.get("class_names"), config.model.get("category_ids")
         if self.subcommand != "fit" and config.get("ckpt_path") and names and ids is not None:
             config.data.class_names, config.data.category_ids = list(names), list(ids)
-
-    def before_instantiate_classes(self) -> None:
-        """Check ``--ckpt_path`` and resolve ``last`` to this configuration's latest run (detector/runs.py)."""
-        if self.subcommand is None:
-            return
-        try:
-            prepare_run(self.subcommand, self._parser(self.subcommand), self.config[self.subcommand])
-        except ResumeError as err:
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(2)
 
     def instantiate_classes(self) -> None:
         """Instantiate as LightningCLI does; a failed argument check exits 2 with one line naming the key."""

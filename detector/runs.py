@@ -38,7 +38,6 @@ from lightning.pytorch.utilities import rank_zero_info
 IGNORED = ("ckpt_path", "config", "data.num_workers")
 """Config keys that may differ between a run and its resumption (the data stream does not depend on
 the number of workers); the logger's id/version is ignored too."""
-KEYWORDS = ("last", "best", "hpc")  # Lightning's own ckpt_path values
 
 
 class ResumeError(ValueError):
@@ -60,10 +59,7 @@ def prepare_run(subcommand: str | None, parser: Any, config: Namespace) -> None:
     ckpt = config.get("ckpt_path")
     if not ckpt or subcommand is None:
         return
-    ckpt = str(ckpt)
-    if ckpt not in KEYWORDS and "://" not in ckpt and not ckpt.startswith("registry:"):
-        if not Path(ckpt).is_file():
-            raise ResumeError(f"--ckpt_path {ckpt}: no such file")
+    ckpt = str(ckpt)  # an existing file or a keyword: DetectorCLI checked it (cli_errors.check_ckpt_path)
     if subcommand != "fit":
         return
     if ckpt == "last":
