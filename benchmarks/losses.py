@@ -11,7 +11,8 @@ that recipe; one real full step with the default recipe is timed too, as a check
 
 Then GHM-C and ISR-P against their straightforward formulations (benchmarks/loss_references.py)
 on COCO-scale inputs: 16 × 10,647 anchors × 80 classes for GHM-C; 16 images × 30 ground truths
-× 10 positives for ISR-P; values are checked equal. Targets (issue 3): loss ≤ 3 % of the step for
+× 10 positives for ISR-P; values are checked equal. Last, ISR-N with and without the optional
+candidate cap ``neg_topk = 2000`` (the paper has none) on random outputs. Targets (issue 3): loss ≤ 3 % of the step for
 the default recipe and ≤ 5 % for every recipe; GHM-C ≥ 4× and ISR-P ≥ 7× their references.
 """
 
@@ -109,6 +110,50 @@ def bench_isr_p() -> None:
           f"loops over classes and gts {t_ref * 1e3:.1f} ms: {t_ref / t_ours:.1f}x faster")  # fmt: skip
 
 
+def bench_isr_n_cap(shifts: list[float], batch: int = 16, size: int = 320, classes: int = 80) -> None:
+    """ISR-N with and without ``neg_topk = 2000`` on random outputs (N(0, 1), objectness shifted by
+    ``shift``): how many negatives score above 0.05, how many the cap keeps, and the pisa recipe's
+    loss forward + backward time either way."""
+    model = YOLOv3(classes, "nano")
+    targets = synthetic_targets(batch, size, 20, classes)
+    print(f"\nISR-N candidate cap, pisa recipe, nano @ {size}, batch {batch}, 20 objects/image, random outputs")
+    print("| objectness shift | candidates | kept by neg_topk 2000 | no cap (ms) | cap 2000 (ms) | ratio |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for shift in shifts:
+        g = torch.Generator().manual_seed(0)
+        outs = [torch.randn(batch, 3, size // s, size // s, 5 + classes, generator=g) for s in model.strides]
+        for o in outs:
+            o[..., 4] += shift
+        times, counts = {}, {}
+        for cap in (None, 2000):
+            loss_fn = load_recipe(ROOT / "configs/losses/pisa.yaml")
+            assert isinstance(loss_fn.objectness, ISR)
+            loss_fn.objectness.__class__ = _CountingISR  # the same module, counting its candidates
+            loss_fn.objectness.neg_topk = cap
+            leaves = [o.clone().requires_grad_() for o in outs]
+            times[cap] = timeit(partial(_loss_step, loss_fn, leaves, targets, model), 1)
+            counts[cap] = loss_fn.objectness.seen
+        print(f"| {shift} | {counts[None][0]} | {counts[2000][1]} | {times[None] * 1e3:.0f} | "
+              f"{times[2000] * 1e3:.0f} | {times[None] / times[2000]:.1f}x |")  # fmt: skip
+
+
+class _CountingISR(ISR):
+    """ISR that keeps (negatives above the score floor, negatives taking part) of its last call."""
+
+    seen: tuple[int, int] = (0, 0)
+
+    def _negative_weights(self, info: SampleInfo, neg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cand, w = super()._negative_weights(info, neg)
+        self.seen = (int((neg & (info.scores > self.neg_score_thresh)).sum()), int(cand.sum()))
+        return cand, w
+
+
+def _loss_step(loss_fn: YOLOLoss, leaves: list[torch.Tensor], targets: list[dict], model: YOLOv3) -> None:
+    for leaf in leaves:
+        leaf.grad = None
+    loss_fn(leaves, targets, model.anchors, model.strides)["loss"].backward()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--presets", nargs="+", default=["nano", "yolov3"], choices=sorted(SIZES))
@@ -116,12 +161,16 @@ def main() -> None:
     parser.add_argument("--objects", type=int, default=20)
     parser.add_argument("--classes", type=int, default=80)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--isr-shifts", nargs="*", type=float, default=[-4.0, -3.0, -2.0],
+                        help="objectness shifts of the ISR-N cap measurement (none: skip it)")  # fmt: skip
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for preset in args.presets:
         bench_preset(preset, args.batch, args.objects, args.classes, args.repeat if preset == "nano" else 1)
     bench_ghmc()
     bench_isr_p()
+    if args.isr_shifts:
+        bench_isr_n_cap(args.isr_shifts)
 
 
 if __name__ == "__main__":

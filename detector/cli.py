@@ -1,55 +1,86 @@
 """The command line: LightningCLI over DetectorModule and DetectionDataModule.
 
 ``python train.py --config configs/default.yaml`` fits (``fit`` is implied when no subcommand
-is given), then validates the best checkpoint and prints the metric table. Every other
-LightningCLI feature works as usual: ``validate``, ``test``, ``predict``, ``--print_config``,
-dotted overrides such as ``--trainer.max_epochs 3``.
+is given, also for ``--help``), then validates the best checkpoint and prints the metric table.
+Every other LightningCLI feature works as usual: ``validate``, ``test``, ``predict``,
+``--print_config``, dotted overrides such as ``--trainer.max_epochs 3``. A mistake on the command
+line or in a config file ends in one line naming the key, the value and what the key accepts
+(``detector.cli_errors``; the full message with ``DETECTOR_DEBUG=1``), with exit status 2.
 """
 
 from __future__ import annotations
 
-import difflib
 import os
-import re
 import sys
+import traceback
+from typing import Any
 
 from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from . import losses
+from .cli_errors import check_ckpt_path, summarize_init_error, summarize_parse_error
 from .data import DetectionDataModule
 from .data.checks import DataError, data_error_message
-from .models import PRESETS
 from .module import DetectorModule
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
+FIT_HELP = (
+    "Train, then validate the best checkpoint. fit is the default subcommand: `python train.py --config "
+    "configs/default.yaml` runs it, and `python train.py --help` shows its options (below). The other "
+    "subcommands are validate, test and predict: `python train.py predict --help` shows theirs."
+)
 
 
 class DetectorCLI(LightningCLI):
     """LightningCLI that links the data's class names to the model and reports user mistakes in one line."""
 
     def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 (jsonargparse parser)
-        """Link ``data.class_names`` to ``model.class_names`` once the datamodule is instantiated."""
+        """Link the data's class names and category ids to the model once the datamodule is instantiated."""
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
+        parser.link_arguments("data.category_ids", "model.category_ids", apply_on="instantiate")
 
     def parse_arguments(self, parser, args) -> None:  # noqa: ANN001 (jsonargparse types)
-        """Parse as LightningCLI does, but report a bad value in one line (jsonargparse's own
+        """Parse as LightningCLI does, but report a mistake in one line (jsonargparse's own
         message nests every union it tried); the full message follows with ``DETECTOR_DEBUG=1``."""
         try:
             super().parse_arguments(parser, args)
         except ArgumentError as err:
-            print(f"error: {summarize_parse_error(str(err))}", file=sys.stderr)
-            if os.environ.get("DETECTOR_DEBUG"):
-                print(err, file=sys.stderr)
-            sys.exit(2)
+            argv = list(sys.argv[1:] if args is None else args)
+            subcommand = argv[0] if argv and argv[0] in SUBCOMMANDS else "fit"  # main() puts it first
+            _user_error(summarize_parse_error(err, self._roots(subcommand), argv), err)
+
+    def _roots(self, subcommand: str) -> dict[str, Any]:
+        """The classes behind the config's groups, and the subcommand's Trainer method (top-level keys)."""
+        trainer = self.trainer_class if isinstance(self.trainer_class, type) else None
+        roots: dict[str, Any] = {"model": self.model_class, "data": self.datamodule_class, "trainer": trainer}
+        roots[""] = getattr(trainer, subcommand, None)
+        return {k: v for k, v in roots.items() if v is not None}
+
+    def before_instantiate_classes(self) -> None:
+        """Stop on a ``ckpt_path`` that names no checkpoint, before any data is read; give the data the
+        checkpoint's class mapping for validate/test/predict."""
+        if self.subcommand is not None:
+            message = check_ckpt_path(self.config[self.subcommand].get("ckpt_path"))
+            if message:
+                _user_error(message)
+            self._mapping_from_checkpoint()
+
+    def _mapping_from_checkpoint(self) -> None:
+        """validate/test/predict ``--ckpt_path``: the class names and category ids the model was trained
+        with (LightningCLI has put the checkpoint's hyper-parameters into ``model``) become the data's, so
+        the training split is not read to learn them. Checkpoints without category ids: unchanged."""
+        config = self.config[self.subcommand]
+        names, ids = config.model.get("class_names"), config.model.get("category_ids")
+        if self.subcommand != "fit" and config.get("ckpt_path") and names and ids is not None:
+            config.data.class_names, config.data.category_ids = list(names), list(ids)
 
     def instantiate_classes(self) -> None:
-        """Instantiate as LightningCLI does; our argument checks' ValueError/FileNotFoundError exit 2 with one line."""
+        """Instantiate as LightningCLI does; a failed argument check exits 2 with one line naming the key."""
         try:
             super().instantiate_classes()
-        except (ValueError, FileNotFoundError) as err:  # raised by our argument checks: a user mistake
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(2)
+        except (ValueError, FileNotFoundError, MisconfigurationException) as err:  # argument checks: a user mistake
+            _user_error(summarize_init_error(err), err)
 
     def _run_subcommand(self, subcommand: str) -> None:
         """Run as LightningCLI does; bad input found while running (a val/test split is built at setup,
@@ -57,8 +88,7 @@ class DetectorCLI(LightningCLI):
         try:
             super()._run_subcommand(subcommand)
         except DataError as err:
-            print(f"error: {data_error_message(err)}", file=sys.stderr)
-            sys.exit(2)
+            _user_error(data_error_message(err), err)
 
     def after_fit(self) -> None:
         """Validate the best checkpoint (the last weights when none was saved) and print the table."""
@@ -67,17 +97,12 @@ class DetectorCLI(LightningCLI):
         self.trainer.validate(self.model, datamodule=self.datamodule, ckpt_path=best, weights_only=True)
 
 
-def summarize_parse_error(message: str) -> str:
-    """One line from a jsonargparse error: the key, the rejected value and close known names."""
-    keys = re.findall(r'(?:Parser key|Key) "([^"]+)"', message)
-    values = re.findall(r"Given value: (.+)", message)
-    if not keys or not values:
-        return message.strip().splitlines()[0]
-    value = values[0].strip()
-    known = [*losses.__all__, *PRESETS]
-    close = difflib.get_close_matches(value.split(".")[-1], known, n=3)
-    hint = f"; did you mean {' or '.join(close)}?" if close else "; see --help for what it accepts"
-    return f"{'.'.join(keys)}: {value!r} is not valid{hint}"
+def _user_error(message: str, err: BaseException | None = None) -> None:
+    """Print ``error: <message>`` (after the full traceback when ``DETECTOR_DEBUG=1``) and exit 2."""
+    if err is not None and os.environ.get("DETECTOR_DEBUG"):
+        traceback.print_exception(err, file=sys.stderr)
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def cli_kwargs() -> dict:
@@ -86,16 +111,31 @@ def cli_kwargs() -> dict:
         "seed_everything_default": 0,
         "save_config_kwargs": {"overwrite": True},
         "auto_configure_optimizers": False,
-        "parser_kwargs": {"exit_on_error": False},
+        # allow_abbrev (the subcommands inherit it): no abbreviated options, jsonargparse 5's default, so
+        # a misspelt key such as --trainer.max_epoch is an error instead of silently another key
+        "parser_kwargs": {"exit_on_error": False, "allow_abbrev": False, "fit": {"description": FIT_HELP}},
     }
 
 
 def main(args: list[str] | None = None) -> DetectorCLI:
-    """Run the CLI on ``args`` (``sys.argv[1:]`` when None); ``fit`` when no subcommand is given."""
+    """Run the CLI on ``args`` (``sys.argv[1:]`` when None) and return it; ``fit`` when no subcommand is given.
+
+    For Python callers (tests, ``detector.ablate``). The ``detector-train`` script and ``train.py``
+    call ``console_main``, which returns an exit status instead.
+    """
     argv = sys.argv[1:] if args is None else args
-    if not argv or argv[0] not in (*SUBCOMMANDS, "-h", "--help"):
+    if not argv or argv[0] not in SUBCOMMANDS:  # also for --help: fit's options are the useful ones
         if args is None:
             sys.argv.insert(1, "fit")
         else:
             args = ["fit", *args]
     return DetectorCLI(DetectorModule, DetectionDataModule, args=args, **cli_kwargs())
+
+
+def console_main() -> int:
+    """Entry point of ``detector-train`` and ``train.py``: exit status 0 once the subcommand has finished.
+
+    A mistake in the arguments exits 2 (one line on stderr), any other failure raises (exit status 1).
+    """
+    main()
+    return 0

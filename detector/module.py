@@ -62,6 +62,10 @@ class DetectorModule(L.LightningModule):
             default backend or a backend name (e.g. "inductor", "eager"). The first steps are slow.
         ema_decay, ema_warmup_steps: an exponential moving average of the weights, validated and
             checkpointed (``detector.callbacks.EMA``, added by ``configure_callbacks``); None = off.
+        category_ids: the dataset's own id of each label (COCO category ids; linked from the
+            datamodule by the CLI); None = the labels themselves. Saved with ``class_names`` in the
+            checkpoint's hyper-parameters, so ``validate``/``test``/``predict --ckpt_path`` map labels
+            back to the dataset's ids without reading the training split.
     """
 
     def __init__(
@@ -85,10 +89,13 @@ class DetectorModule(L.LightningModule):
         compile: bool | str = False,
         ema_decay: float | None = None,
         ema_warmup_steps: float = 200.0,
+        category_ids: list[int] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["loss"])
         self.class_names = list(class_names)
+        if category_ids is not None and len(category_ids) != len(self.class_names):
+            raise ValueError(f"category_ids has {len(category_ids)} ids for {len(self.class_names)} class_names")
         self.model = YOLOv3(len(self.class_names), preset, anchors, weights)
         self.criterion = loss if loss is not None else YOLOLoss()
         if nonfinite not in ("skip", "stop"):

@@ -112,10 +112,10 @@ def test_hook_hands_the_elements_that_make_the_loss() -> None:
     loss.recorder = seen.update
     out = loss(outputs, targets, model.anchors, model.strides)
     assert torch.equal(out["loss"], plain["loss"])
-    z = seen["z"]
-    torch.testing.assert_close(2.0 * seen["obj"][3].sum() / z, out["loss_obj"])
-    torch.testing.assert_close(seen["cls"][2].sum() / z, out["loss_cls"])
-    torch.testing.assert_close(seen["box"].sum() / z, out["loss_box"])
+    z = seen["z"]  # (objectness, classification, box)
+    torch.testing.assert_close(2.0 * seen["obj"][3].sum() / z[0], out["loss_obj"])
+    torch.testing.assert_close(seen["cls"][2].sum() / z[1], out["loss_cls"])
+    torch.testing.assert_close(seen["box"].sum() / z[2], out["loss_box"])
     assert len(seen["rows"]) == int(out["num_pos"]) and not seen["obj"][0].requires_grad
 
 

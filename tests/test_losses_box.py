@@ -1,4 +1,7 @@
-"""Box losses: darknet squared error with the 2 − wh scale, and the IoU family against torchvision."""
+"""Box losses: darknet's box regression with the 2 − wh scale, and the IoU family against torchvision."""
+
+import math
+from functools import partial
 
 import pytest
 import torch
@@ -23,23 +26,40 @@ def _random_boxes(n: int, seed: int) -> BoxSet:
 def test_darknet_box_loss_by_hand():
     pred = BoxSet(torch.tensor([[0.0, 0.0, 0.5, -0.5]]), torch.zeros(1, 4))
     target = BoxSet(torch.tensor([[0.25, 0.75, 0.0, 0.0]]), torch.tensor([[0.1, 0.1, 0.6, 0.5]]))
-    # xy: (.5 - .25)² + (.5 - .75)² = .125; wh: .25 + .25 = .5 -> .625; target w·h = .5 · .4 = .2
-    torch.testing.assert_close(DarknetBoxLoss(scale="none")(pred, target), torch.tensor([0.625]))
-    torch.testing.assert_close(DarknetBoxLoss()(pred, target), torch.tensor([0.625 * 1.8]))
-    torch.testing.assert_close(DarknetBoxLoss()(pred, target, torch.tensor([2.0])), torch.tensor([2.25]))
+    # squared: xy (.5 - .25)² + (.5 - .75)² = .125; wh .25 + .25 = .5 -> .625; target w·h = .5 · .4 = .2
+    squared = DarknetBoxLoss(scale="none", xy="squared", wh="squared")
+    torch.testing.assert_close(squared(pred, target), torch.tensor([0.625]))
+    torch.testing.assert_close(DarknetBoxLoss(xy="squared", wh="squared")(pred, target), torch.tensor([0.625 * 1.8]))
+    # darknet (default): xy BCE(0, t) − H(t) = KL(t ‖ .5) = log 2 − H(t) for t = .25 and .75; wh ½(.25 + .25)
+    h = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    torch.testing.assert_close(DarknetBoxLoss(scale="none")(pred, target), torch.tensor([2 * (math.log(2) - h) + 0.25]))
+    torch.testing.assert_close(
+        DarknetBoxLoss()(pred, target, torch.tensor([2.0])), torch.tensor([2 * 1.8 * (2 * (math.log(2) - h) + 0.25)])
+    )
 
 
-def test_darknet_box_loss_gradient_and_detached_scale():
+def test_darknet_box_loss_is_zero_at_the_target():
+    t = torch.tensor([[0.0, 1.0, 0.3, -0.2], [0.5, 0.125, 0.0, 1.5]])
+    pred = BoxSet(torch.cat([torch.logit(t[:, :2].clamp(1e-7, 1 - 1e-7)), t[:, 2:]], 1), torch.zeros(2, 4))
+    target = BoxSet(t, torch.tensor([[0.1, 0.1, 0.6, 0.5]] * 2))
+    torch.testing.assert_close(DarknetBoxLoss()(pred, target), torch.zeros(2), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("xy, wh", [("bce", "half_squared"), ("squared", "squared"), ("bce", "squared")])
+def test_darknet_box_loss_gradient_and_detached_scale(xy, wh):
     torch.manual_seed(0)
     raw = torch.randn(5, 4, requires_grad=True)
     target = _random_boxes(5, 1)
+    target = BoxSet(torch.cat([torch.rand(5, 2), target.raw[:, 2:]], 1), target.xyxy)  # offsets in [0, 1]
     target_xyxy = target.xyxy.clone().requires_grad_()
-    loss = DarknetBoxLoss()(BoxSet(raw, torch.zeros(5, 4)), BoxSet(target.raw, target_xyxy))
+    loss = DarknetBoxLoss(xy=xy, wh=wh)(BoxSet(raw, torch.zeros(5, 4)), BoxSet(target.raw, target_xyxy))
     loss.sum().backward()
     scale = 2 - (target.xyxy[:, 2] - target.xyxy[:, 0]) * (target.xyxy[:, 3] - target.xyxy[:, 1])
-    p = torch.sigmoid(raw.detach()[:, :2])
-    expected = torch.cat([2 * (p - target.raw[:, :2]) * p * (1 - p), 2 * (raw.detach()[:, 2:] - target.raw[:, 2:])], 1)
-    torch.testing.assert_close(raw.grad, expected * scale[:, None])
+    p, t = torch.sigmoid(raw.detach()[:, :2]), target.raw
+    # darknet's delta (negated): σ(t) − t* on x, y and t − t* on w, h; "squared" differentiates the squares
+    g_xy = p - t[:, :2] if xy == "bce" else 2 * (p - t[:, :2]) * p * (1 - p)
+    g_wh = (raw.detach()[:, 2:] - t[:, 2:]) * (1 if wh == "half_squared" else 2)
+    torch.testing.assert_close(raw.grad, torch.cat([g_xy, g_wh], 1) * scale[:, None])
     assert target_xyxy.grad is None  # the scale carries no gradient
 
 
@@ -60,6 +80,8 @@ def test_identical_boxes_give_zero(cls):
     same = BoxSet(boxes.raw.clone(), boxes.xyxy.clone())
     if cls is DarknetBoxLoss:  # darknet compares σ(pred xy) with the target offsets
         same = BoxSet(torch.cat([torch.sigmoid(boxes.raw[:, :2]), boxes.raw[:, 2:]], 1), boxes.xyxy)
+        cls = partial(DarknetBoxLoss, xy="squared")
+        # the default form is checked at the target in test_darknet_box_loss_is_zero_at_the_target
     # torchvision adds eps = 1e-7 to the union: at these areas (>= .0025) that leaves < 1e-4
     for scale in ("2-wh", "none"):
         torch.testing.assert_close(cls(scale=scale)(boxes, same), torch.zeros(6), atol=1e-4, rtol=0)
@@ -79,6 +101,10 @@ def test_iou_losses_by_hand():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="scale"):
         GIoULoss(scale="wh")
+    with pytest.raises(ValueError, match="xy"):
+        DarknetBoxLoss(xy="mse")
+    with pytest.raises(ValueError, match="wh"):
+        DarknetBoxLoss(wh="half")
     boxes = _random_boxes(3, 5)
     with pytest.raises(ValueError, match="weight"):
         GIoULoss()(boxes, boxes, torch.ones(3, 1))

@@ -159,3 +159,30 @@ def test_bin_index_is_floor_of_g_times_bins(bins: int) -> None:
     edges = torch.arange(bins + 1).float() / bins
     edges[-1] += 1e-6
     assert torch.equal(expected[:10000], torch.bucketize(g[:10000], edges[1:], right=True))
+
+
+def test_ghm_recipe_equals_the_papers_loss_sum_over_tot():
+    """The ghm recipe's objectness and class terms are GHM-C's own ``Σ w·BCE / tot`` (mmdetection's GHMC),
+    ratio 1, over two steps (the second uses the running counts): no other divisor in between."""
+    from detector.losses import load_recipe
+
+    loss_fn = load_recipe(Path(__file__).resolve().parents[1] / "configs" / "losses" / "ghm.yaml")
+    anchors = torch.tensor([[(10, 13), (16, 30), (33, 23)], [(30, 61), (62, 45), (59, 119)], [(116, 90), (156, 198), (373, 326)]]) / 3.0  # fmt: skip
+    acc_obj, acc_cls = torch.zeros(30), torch.zeros(30)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        outs = [torch.randn(2, 3, s, s, 9, generator=g) * 0.5 for s in (16, 8, 4)]  # 128 px, 4 classes
+        xy = torch.rand(2, 6, 2, generator=g) * 80
+        boxes = torch.cat([xy, xy + 8 + torch.rand(2, 6, 2, generator=g) * 40], -1)
+        targets = [{"boxes": b, "labels": torch.randint(0, 4, (6,), generator=g)} for b in boxes]
+        seen: dict = {}
+        loss_fn.recorder = seen.update
+        out = loss_fn(outs, targets, anchors, [8, 16, 32])
+        logits, obj_t, obj_w, _ = seen["obj"]
+        tot = max((obj_w > 0).sum().item(), 1.0)
+        ref_obj = ghmc_reference(logits.reshape(-1, 1), obj_t.reshape(-1, 1), obj_w.reshape(-1, 1), acc_obj).sum() / tot
+        assert 0 < tot < obj_w.numel()  # the ignore mask is active: tot is not the number of anchors
+        assert out["loss_obj"].item() / ref_obj.item() == pytest.approx(1.0, rel=1e-5)
+        c_logits, c_t, _ = seen["cls"]
+        ref_cls = ghmc_reference(c_logits, c_t, torch.ones_like(c_t), acc_cls).sum() / c_t.numel()
+        assert out["loss_cls"].item() / ref_cls.item() == pytest.approx(1.0, rel=1e-5)

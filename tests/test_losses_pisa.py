@@ -8,7 +8,7 @@ import pytest
 import torch
 from torchvision.ops import box_iou
 
-from detector.losses import BCE, CARL, ISR, BoxSet, DarknetBoxLoss, FocalLoss, GIoULoss, SampleInfo
+from detector.losses import BCE, CARL, ISR, BoxSet, DarknetBoxLoss, FocalLoss, GIoULoss, SampleInfo, pisa
 from detector.losses.pisa import hierarchical_rank, iou_hlr_weights, nms_clusters, score_hlr_weights
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -144,8 +144,10 @@ def _greedy_clusters(boxes: torch.Tensor, scores: torch.Tensor, images: torch.Te
     return cluster
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_nms_clusters_equal_greedy_loop(seed):
+@pytest.mark.parametrize("seed, budget", [(0, None), (1, None), (2, 1000)])
+def test_nms_clusters_equal_greedy_loop(seed, budget, monkeypatch):
+    if budget is not None:  # many chunks of rows, the last one partial
+        monkeypatch.setattr(pisa, "IOU_BUDGET", budget)
     g = torch.Generator().manual_seed(seed)
     ctr, wh = torch.rand(120, 2, generator=g), 0.05 + torch.rand(120, 2, generator=g) * 0.3
     boxes, scores = torch.cat([ctr - wh / 2, ctr + wh / 2], 1), torch.rand(120, generator=g)
@@ -214,7 +216,7 @@ def test_isr_errors():
 
 
 def _carl_inputs(s: list[float], weight=None):
-    # DarknetBoxLoss(scale="none") with pred.raw = 0, target xy = .5: row loss = tw² + th²
+    # DarknetBoxLoss(scale="none", xy="squared", wh="squared"), pred.raw = 0, target xy = .5: row loss = tw² + th²
     n = len(s)
     target_raw = torch.tensor([[0.5, 0.5, 1.0, 0.0], [0.5, 0.5, 2.0, 0.0], [0.5, 0.5, 1.0, 1.0]][:n])
     pred = BoxSet(torch.zeros(n, 4), torch.tensor([[0.0, 0.0, 0.5, 0.5]] * n))
@@ -227,19 +229,58 @@ def _carl_inputs(s: list[float], weight=None):
 def test_carl_by_hand_and_gradient():
     # L = [1, 4]; s = [.5, 1 - 1e-6 ~ 1]: v = .2 + .8 s = [.6, 1.0]; P / Σv = 2 / 1.6 = 1.25 -> [.75, 1.25]
     pred, target, info, logit = _carl_inputs([0.5, 1.0 - 1e-6])
-    out = CARL(DarknetBoxLoss(scale="none"))(pred, target, None, info)
+    out = CARL(DarknetBoxLoss(scale="none", xy="squared", wh="squared"))(pred, target, None, info)
     torch.testing.assert_close(out, torch.tensor([0.75, 5.0]), rtol=1e-5, atol=1e-5)
     out.sum().backward()
-    # d out_i / d s_i = (1 - b) * ratio * L_i = .8 * 1.25 * L = [1, 4]; ds/dlogit = s(1 - s)
+    # through the rescaling: d/ds_i = (P/Σv)(L_i − Σ v L / Σv)(1 − b), Σ v L / Σv = (.6 + 4) / 1.6 = 2.875:
+    # 1.25 · .8 · [1 − 2.875, 4 − 2.875] = [−1.875, 1.125]; ds/dlogit = s(1 − s)
     s = torch.sigmoid(logit.detach())
-    torch.testing.assert_close(logit.grad, torch.tensor([1.0, 4.0]) * s * (1 - s), rtol=1e-4, atol=1e-7)
-    assert logit.grad[0] != 0
+    torch.testing.assert_close(logit.grad, torch.tensor([-1.875, 1.125]) * s * (1 - s), rtol=1e-4, atol=1e-9)
+    assert logit.grad[0] < 0 < logit.grad[1]  # the well-localised box's score is pushed up, the other's down
+
+
+def _carl_mmdetection(score: torch.Tensor, box_loss: torch.Tensor, k: float, bias: float) -> torch.Tensor:
+    """mmdetection's ``carl_loss`` (sigmoid scores, avg_factor 1), written as its source reads: the
+    weights ``(b + (1 − b)s)^k`` times ``num_pos / weights.sum()``, the sum keeping its gradient."""
+    weights = (bias + (1 - bias) * score).pow(k)
+    weights = weights * (score.shape[0] / weights.sum())
+    return (box_loss * weights).sum()
+
+
+@pytest.mark.parametrize("k, bias", [(1.0, 0.2), (2.0, 0.1)])
+def test_carl_gradient_equals_mmdetection(k, bias):
+    torch.manual_seed(1)
+    n = 40
+    p_xy, t_xy = torch.rand(n, 2, dtype=torch.float64) * 0.4, torch.rand(n, 2, dtype=torch.float64) * 0.4
+    p_wh, t_wh = 0.2 + torch.rand(n, 2, dtype=torch.float64) * 0.3, 0.2 + torch.rand(n, 2, dtype=torch.float64) * 0.3
+    t_xy = torch.where(torch.rand(n, 1) < 0.5, p_xy + 0.02, t_xy)  # some well-localised, some poor
+    xyxy = torch.cat([p_xy, p_xy + p_wh], 1).requires_grad_()
+    target = BoxSet(torch.zeros(n, 4, dtype=torch.float64), torch.cat([t_xy, t_xy + t_wh], 1))
+    logit = (torch.randn(n, dtype=torch.float64) * 2).requires_grad_()
+    info = _info([0] * n, list(range(n)), cls_score=torch.sigmoid(logit))
+    pred = BoxSet(torch.zeros(n, 4, dtype=torch.float64), xyxy)
+    out = CARL(GIoULoss(), k=k, bias=bias)(pred, target, None, info)
+    out.sum().backward()
+    logit_ref, xyxy_ref = logit.detach().clone().requires_grad_(), xyxy.detach().clone().requires_grad_()
+    box_loss = GIoULoss()(BoxSet(pred.raw, xyxy_ref), target)
+    ref = _carl_mmdetection(torch.sigmoid(logit_ref), box_loss, k, bias)
+    ref.backward()
+    torch.testing.assert_close(out.sum(), ref.detach(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(logit.grad, logit_ref.grad, rtol=1e-6, atol=0)
+    torch.testing.assert_close(xyxy.grad, xyxy_ref.grad, rtol=1e-6, atol=0)
+    # sign pattern: scores of positives whose box loss is below the v-weighted mean go up (negative
+    # gradient), the others down
+    loss = box_loss.detach()
+    v = (bias + (1 - bias) * torch.sigmoid(logit.detach())).pow(k)
+    mean = (v * loss).sum() / v.sum()
+    assert torch.equal(logit.grad < 0, loss < mean)
+    assert 0 < int((logit.grad < 0).sum()) < n
 
 
 def test_carl_weights_sum_to_positives_and_skip_ignored_rows():
     pred, target, info, _ = _carl_inputs([0.5, 1.0 - 1e-6, 0.3])
     weight = torch.tensor([1.0, 1.0, 0.0])
-    out = CARL(DarknetBoxLoss(scale="none"))(pred, target, weight, info)
+    out = CARL(DarknetBoxLoss(scale="none", xy="squared", wh="squared"))(pred, target, weight, info)
     torch.testing.assert_close(out, torch.tensor([0.75, 5.0, 0.0]), rtol=1e-5, atol=1e-5)
     torch.manual_seed(0)
     n = 12

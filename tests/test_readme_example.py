@@ -3,10 +3,11 @@
 The section is read from README.md (``## Make it yours``). Every fenced code block whose first line is ``# <path>`` (e.g.
 ``# detector/losses/poly.py``) is an example file. A "fork" is built in tmp_path: a copy of
 ``detector/`` and ``configs/`` plus the example files; the example's own test runs there under
-pytest, and the README's ablation command runs there (tiny data, 1 epoch, W&B offline).
+pytest, and the README's ablation command runs there (two seeds, tiny data, 1 epoch, W&B offline).
 """
 
 import importlib.util
+import json
 import math
 import os
 import re
@@ -146,27 +147,40 @@ def test_example_test_passes_under_pytest(fork: Path, files: dict[str, str]) -> 
 
 
 def test_ablation_command_runs_and_logs_to_wandb(fork: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The README's ``python -m detector.ablate`` line, run in the fork (in this process: the fork's
-    ``detector/losses/poly.py`` is imported as ``detector.losses.poly``), W&B offline."""
-    from detector import ablate
+    """The README's ``python -m detector.ablate`` line, run in the fork with two of its seeds and
+    ``--jobs 2`` (tiny data, 1 epoch, W&B offline). Each fit is a ``python -m detector.ablate --task``
+    process started in the fork, so it imports the fork's package, ``detector/losses/poly.py`` included."""
+    from detector import ablate, ablate_report
 
     cmd = next(c for c in commands(section(), "python -m detector.ablate") if RECIPE in c)
     group = cmd[cmd.index("--group") + 1]
-    load_module("detector.losses.poly", fork / LOSS, monkeypatch)
+    args = cmd[3:]
+    at = args.index("--seeds") + 1
+    n_seeds = next((i for i, a in enumerate(args[at:]) if not a.isdigit()), len(args) - at)
+    assert n_seeds >= 3, f"the README's ablation should use at least 3 seeds: {shlex.join(cmd)}"
+    args[at : at + n_seeds] = ["0", "1"]
     monkeypatch.chdir(fork)
-    monkeypatch.setattr(ablate, "wandb_can_go_online", lambda: False)  # its summary run reads no WANDB_MODE
-    ablate.main([*cmd[3:], *([] if "--" in cmd else ["--"]), *TINY, "--trainer.num_sanity_val_steps", "0"])
+    monkeypatch.setattr(ablate_report, "wandb_can_go_online", lambda: False)  # its summary run reads no WANDB_MODE
+    extra = [*([] if "--" in args else ["--"]), *TINY, "--trainer.num_sanity_val_steps", "0"]
+    status = ablate.main([*args, "--jobs", "2", *extra])
     table = (fork / "runs" / "ablation" / "ablation.md").read_text()
+    logs = {p.name: p.read_text()[-3000:] for p in (fork / "runs" / "ablation" / "runs").glob("*.log")}
+    assert status == 0, table + "\n".join(f"--- {name}\n{text}" for name, text in logs.items())
     names = [Path(r).stem for r in cmd[cmd.index("--recipes") + 1 :] if r.endswith(".yaml")]
-    rows = [re.search(rf"^\| {n} \| [\d.]+ \| [\d.]+ \|", table, re.MULTILINE) for n in names]
+    rows = [re.search(rf"^\| {n} \| 2/2 \| [\d.]+ ± [\d.]+ \|", table, re.MULTILINE) for n in names]
     assert "poly" in names and all(rows), table
-    # W&B (offline): one run per recipe in the group, the class loss logged, the summary table with a poly row
-    runs = {p: p.read_bytes() for p in (fork / "runs" / "wandb").glob("offline-run-*/run-*.wandb")}
+    # W&B (offline): one run per recipe and seed in the group, the class loss logged, the summary tables
+    runs = {p: p.read_bytes() for p in (fork / "runs" / "ablation" / "runs").glob("*/wandb/offline-run-*/run-*.wandb")}
     poly_runs = [b for b in runs.values() if b"detector.losses.poly.PolyLoss" in b]
-    assert len(runs) == len(names) and len(poly_runs) == 1
-    assert group.encode() in poly_runs[0] and b"train/loss_cls" in poly_runs[0] and b"val/map" in poly_runs[0]
-    summary = list((fork / "runs" / "ablation" / "wandb").glob("offline-run-*/files/media/table/ablation/*.table.json"))
-    assert len(summary) == 1 and '["poly",' in summary[0].read_text()
+    assert len(runs) == 2 * len(names) and len(poly_runs) == 2
+    for run in poly_runs:
+        assert group.encode() in run and b"train/loss_cls" in run and b"val/map" in run
+    media = fork / "runs" / "ablation" / "wandb"
+    summary = list(media.glob("offline-run-*/files/media/table/ablation/table_*.table.json"))
+    per_run = list(media.glob("offline-run-*/files/media/table/ablation/runs_*.table.json"))
+    assert len(summary) == 1 and len(per_run) == 1
+    assert [row[:2] for row in json.loads(summary[0].read_text())["data"]] == [["paper", 2], ["poly", 2]]
+    assert [row[:4] for row in json.loads(per_run[0].read_text())["data"]][-1] == ["poly-s1", "poly", 1, "ok"]
 
 
 def test_other_example_files(files: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -32,3 +32,36 @@ def test_recipe_trains_a_few_steps(recipe: Path) -> None:
         opt.step()
         losses.append(out["loss"].item())
     assert losses[-1] < losses[0], losses
+
+
+NORMALISERS = {  # recipe -> normalize of (objectness, classification, box), as each header states and why
+    "paper": ("batch",) * 3,
+    "darknet": ("batch",) * 3,
+    "mse_obj": ("batch",) * 3,
+    "softmax": ("batch",) * 3,
+    "giou": ("batch",) * 3,
+    "ciou": ("batch",) * 3,
+    "focal": ("num_pos",) * 3,
+    "pisa": ("num_pos",) * 3,
+    "ghm": ("valid", "valid", "num_pos"),
+}
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_recipe_header_names_source_and_normaliser(recipe: Path) -> None:
+    header = "".join(line[1:] for line in recipe.read_text().splitlines() if line.startswith("#"))
+    assert "Normaliser:" in header, f"{recipe.name}: the header must name the normaliser and why"
+    assert "arXiv" in header or "darknet" in header, f"{recipe.name}: the header must name its source"
+    loss = load_recipe(recipe)
+    stated = header.split("Normaliser:")[1].split()[0].strip(",.")
+    assert stated in {"batch", "num_pos", "num_anchors", "valid", "GHM-C's"}, f"{recipe.name}: {stated}"
+    if recipe.stem in NORMALISERS:  # the shipped recipes: their sources' normalisers and ignore thresholds
+        assert loss.modes == NORMALISERS[recipe.stem]
+        assert stated == loss.modes[0] or (stated == "GHM-C's" and loss.modes[0] == "valid")
+        assert loss.ignore_thresh == (0.7 if recipe.stem in ("darknet", "mse_obj") else 0.5)  # yolov3.cfg / paper
+
+
+def test_default_config_is_the_paper_recipe() -> None:
+    default, paper = load_recipe(RECIPES[0].parents[1] / "default.yaml"), load_recipe(RECIPES[0].parent / "paper.yaml")
+    assert repr(default) == repr(paper)
+    assert (default.modes, default.ignore_thresh, default.weights) == (paper.modes, paper.ignore_thresh, paper.weights)

@@ -46,32 +46,51 @@ def test_objectness_targets_and_ignore_mask() -> None:
 def test_closed_form_with_zero_logits() -> None:
     # Zero logits: every BCE element is log 2; one positive with 2 classes; normalize by batch (B = 1).
     # objectness: 6300 anchors, none ignored at 0.99 -> 6300·log 2.  classes: 2·log 2.
-    # box (darknet, 2 − wh): σ(0) = 0.5 against cell offsets (0.375, 0.375); tw = th = 0 against
-    # log(30/33), log(30/23); scale 2 − (30/320)² .
+    # box (darknet's gradient, 2 − wh): σ(0) = 0.5 against cell offsets (0.375, 0.375): BCE − entropy =
+    # log 2 − H(.375) each; tw = th = 0 against log(30/33), log(30/23): ½ squared error; scale 2 − (30/320)².
     target = [{"boxes": torch.tensor([[84.0, 44.0, 114.0, 74.0]]), "labels": torch.tensor([1])}]  # centre (99, 59)
     out = YOLOLoss(ignore_thresh=0.99)(_outputs(), target, ANCHORS, STRIDES)
     assert math.isclose(out["loss_obj"].item(), 6300 * math.log(2), rel_tol=1e-5)
     assert math.isclose(out["loss_cls"].item(), 2 * math.log(2), rel_tol=1e-5)
-    box = (2 - (30 / 320) ** 2) * (2 * (0.5 - 0.375) ** 2 + math.log(30 / 33) ** 2 + math.log(30 / 23) ** 2)
+    kl = math.log(2) + 0.375 * math.log(0.375) + 0.625 * math.log(0.625)
+    box = (2 - (30 / 320) ** 2) * (2 * kl + (math.log(30 / 33) ** 2 + math.log(30 / 23) ** 2) / 2)
     assert math.isclose(out["loss_box"].item(), box, rel_tol=1e-5)
     assert math.isclose(out["loss"].item(), 6302 * math.log(2) + box, rel_tol=1e-5)
 
 
-@pytest.mark.parametrize("mode,divisor", [("batch", 2), ("num_pos", 3), ("num_anchors", 2 * 6300)])
-def test_normalisation_modes(mode: str, divisor: int) -> None:
-    targets = [
-        {
-            "boxes": torch.tensor([[84.0, 44.0, 114.0, 74.0], [10.0, 10.0, 210.0, 160.0]]),
-            "labels": torch.tensor([0, 1]),
-        },
-        {"boxes": torch.tensor([[100.0, 100.0, 160.0, 140.0]]), "labels": torch.tensor([1])},
-    ]
+TWO_IMAGES = [
+    {"boxes": torch.tensor([[84.0, 44.0, 114.0, 74.0], [10.0, 10.0, 210.0, 160.0]]), "labels": torch.tensor([0, 1])},
+    {"boxes": torch.tensor([[100.0, 100.0, 160.0, 140.0]]), "labels": torch.tensor([1])},
+]
+
+
+@pytest.mark.parametrize(
+    "mode,divisors",
+    [
+        ("batch", (2, 2, 2)),
+        ("num_pos", (3, 3, 3)),
+        ("num_anchors", (2 * 6300, 2 * 6300, 2 * 6300)),
+        ("valid", (2 * 6300, 3 * 2, 3)),  # nothing ignored at 0.99; 3 positives × 2 classes; 3 positives
+        ({"objectness": "valid", "classification": "batch", "box": "num_pos"}, (2 * 6300, 2, 3)),
+    ],
+)
+def test_normalisation_modes(mode, divisors) -> None:
     outs = _outputs(batch=2)
-    raw = YOLOLoss(normalize="batch", ignore_thresh=0.99)(outs, targets, ANCHORS, STRIDES)
-    got = YOLOLoss(normalize=mode, ignore_thresh=0.99)(outs, targets, ANCHORS, STRIDES)
+    raw = YOLOLoss(normalize="batch", ignore_thresh=0.99)(outs, TWO_IMAGES, ANCHORS, STRIDES)
+    got = YOLOLoss(normalize=mode, ignore_thresh=0.99)(outs, TWO_IMAGES, ANCHORS, STRIDES)
     assert got["num_pos"].item() == 3
-    for k in ("loss_obj", "loss_cls", "loss_box"):
+    for k, divisor in zip(("loss_obj", "loss_cls", "loss_box"), divisors):
         assert math.isclose(got[k].item(), raw[k].item() * 2 / divisor, rel_tol=1e-5)
+
+
+def test_valid_objectness_normaliser_counts_non_ignored_anchors() -> None:
+    # zero logits: the ignore mask at 0.35 drops some anchors; `valid` divides by the rest (GHM-C's tot)
+    outs = _outputs(batch=2)
+    rec = Recorder()
+    out = YOLOLoss(objectness=rec, ignore_thresh=0.35, normalize="valid")(outs, TWO_IMAGES, ANCHORS, STRIDES)
+    kept = int(rec.seen[1].sum())
+    assert 0 < kept < 2 * 6300
+    assert math.isclose(out["loss_obj"].item(), math.log(2), rel_tol=1e-5)  # every kept element is log 2
 
 
 def test_component_weights() -> None:
@@ -113,3 +132,7 @@ def test_defaults_are_darknet_recipe() -> None:
     assert isinstance(loss.box, DarknetBoxLoss) and isinstance(loss.objectness, ClassificationLoss)
     with pytest.raises(ValueError, match="normalize"):
         YOLOLoss(normalize="mean")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="normalize"):
+        YOLOLoss(normalize={"objectness": "valid", "box": "batch"})  # type: ignore[dict-item]
+    with pytest.raises(ValueError, match="normalize"):
+        YOLOLoss(normalize={"objectness": "valid", "classification": "tot", "box": "batch"})  # type: ignore[dict-item]

@@ -31,8 +31,8 @@ class ImbalanceStats:
     ``b = min(floor(g·M), M − 1)`` of M equal bins of [0, 1]; it is easy when ``g < easy``.
 
     counts ``[4, M]``:  elements per split and bin.
-    loss ``[4, 2]``:    Σ ``w_c · loss_element / z`` per split, (easy, hard): its part of the total loss.
-    box ``[1]``:        Σ ``w_box · box_loss / z``.
+    loss ``[4, 2]``:    Σ ``w_c · loss_element / z_c`` per split, (easy, hard): its part of the total loss.
+    box ``[1]``:        Σ ``w_box · box_loss / z_box``.
     positives ``[S]``:  positives per scale.  images ``[1]``: images seen.
     per_image ``[K]``:  images holding k positives, k = 0..K−1 (K−1 means K−1 or more).
 
@@ -78,12 +78,13 @@ class ImbalanceStats:
     ) -> None:
         """Add one batch; the arguments are ``YOLOLoss.recorder``'s (see its docstring)."""
         w_obj, w_cls, w_box = self.weights
+        z_obj, z_cls, z_box = z.expand(3)  # one normaliser per component (a scalar: the same for all)
         logit, target, weight, loss = obj  # (B, N) each
-        self._add(0, logit.sigmoid(), target, loss * (w_obj / z), weight > 0)
+        self._add(0, logit.sigmoid(), target, loss * (w_obj / z_obj), weight > 0)
         c_logit, c_target, c_loss = cls  # (P, C) each
         p = c_logit.float().softmax(1) if self.softmax else c_logit.sigmoid()
-        self._add(2, p, c_target, c_loss * (w_cls / z), None)
-        self.box += box.sum() * (w_box / z)
+        self._add(2, p, c_target, c_loss * (w_cls / z_cls), None)
+        self.box += box.sum() * (w_box / z_box)
         # positives: the scale of each row (rows are ordered scale, anchor, y, x), and how many each image holds
         cells = [h * w for h, w in shapes]
         anchors = logit.shape[1] // sum(cells)

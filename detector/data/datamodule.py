@@ -3,7 +3,7 @@
 Batches follow ``detector.data.collate`` (images float32 (B, 3, S, S) in [0, 1], targets a
 list of dicts with boxes/labels/image_id/orig_size/letterbox). Class names, category ids
 and the number of classes are known right after ``__init__`` (read from the training
-annotation file), so a LightningCLI can link ``data.num_classes`` into the model.
+annotation file, or given, e.g. from a checkpoint), so a LightningCLI can link them into the model.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import albumentations as A
 import cv2
 import lightning as L
 import torch
@@ -33,6 +34,8 @@ from detector.data.samplers import (
 )
 from detector.data.shapes import ShapesConfig, ensure_shapes
 from detector.data.transforms import (
+    augment_hparams,
+    check_augment,
     mosaic_transforms,
     random_batch_size,
     resize_batch,
@@ -53,6 +56,10 @@ class DetectionDataModule(L.LightningDataModule):
         train_images / train_annotations, val_…, test_…: explicit image folders and annotation
             files overriding what the split name implies (COCO and VOC).
         class_names: VOC class list (default: the sorted object names of the training split).
+        category_ids: with ``class_names``, the label -> (dataset id, name) mapping to use instead of
+            the training split's, e.g. a checkpoint's (the CLI passes it for validate/test/predict
+            ``--ckpt_path``). Then ``__init__`` reads no data: each split is opened when a stage needs
+            it, so predicting on ``predict_images`` reads neither the dataset nor ``root``.
         keep_difficult: VOC: keep objects marked difficult (default: left out, as mmdetection).
         strict: bad input (missing/corrupt images, broken boxes, …) raises instead of being skipped
             and counted in one warning (``detector.data.checks``).
@@ -62,6 +69,10 @@ class DetectionDataModule(L.LightningDataModule):
         batch_size: images per batch (per process under DDP).
         num_workers: dataloader worker processes (0 = load in the main process).
         pin_memory: pin batches in page-locked memory (useful on GPU).
+        augment: the training augmentation, a list of albumentations transforms (``class_path``/
+            ``init_args`` in a config), run after the letterbox (or mosaic) with the template's box
+            handling; ``None`` = ``default_augment()`` (scale/translate, horizontal flip, HSV jitter).
+            See ``docs/augmentation.md``.
         mosaic: probability that a training image is a 2 x 2 mosaic of four images (0 = off).
         close_mosaic: no mosaic in the last this many training epochs (YOLOX), 0 = mosaic to the end.
         multi_scale: ``[low, high]``: each training batch is resized on device to a random multiple
@@ -93,6 +104,7 @@ class DetectionDataModule(L.LightningDataModule):
         test_images: str | None = None,
         test_annotations: str | None = None,
         class_names: list[str] | None = None,
+        category_ids: list[int] | None = None,
         keep_difficult: bool = False,
         strict: bool = False,
         verify: Verify = "header",
@@ -101,6 +113,7 @@ class DetectionDataModule(L.LightningDataModule):
         batch_size: int = 16,
         num_workers: int = 2,
         pin_memory: bool = False,
+        augment: list[A.BasicTransform | A.BaseCompose] | None = None,
         mosaic: float = 0.0,
         close_mosaic: int = 0,
         multi_scale: tuple[int, int] | None = None,
@@ -109,21 +122,22 @@ class DetectionDataModule(L.LightningDataModule):
         predict_images: str | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["class_names"])  # the model logs the resolved names; a None here would clash
+        # class_names/category_ids: the model logs the resolved mapping; a None here would clash
+        self.save_hyperparameters(ignore=["class_names", "category_ids", "augment"])
         _check_args(image_size, batch_size, num_workers)
         _check_augment_args(mosaic, close_mosaic, multi_scale)
+        if augment is not None:
+            check_augment(augment)
+        self.augment = augment
+        self.hparams["augment"] = augment_hparams(augment)  # plain data: checkpoints load with weights_only
         # Single-threaded OpenCV, set before any worker is forked: loader processes must not crowd the
         # training threads, and a forked child of a process with a live cv2 thread pool can deadlock.
         cv2.setNumThreads(1)
-        root_path = Path(root)
-        if embedded is not None:
-            if format != "coco":
-                raise ValueError(f"data.embedded generates COCO files; set data.format: coco (got {format!r})")
-            ensure_shapes(root_path, embedded)
-        elif not root_path.exists():
-            raise FileNotFoundError(
-                f"data root not found: {root_path} (set data.root, or data.embedded to generate shapes)"
-            )
+        if embedded is not None and format != "coco":
+            raise ValueError(f"data.embedded generates COCO files; set data.format: coco (got {format!r})")
+        self._embedded, self._root_ready = embedded, False
+        if category_ids is None or predict_images is None:  # data will be read: fail early on a missing root
+            self._prepare_root()
         val = (val_split, val_images, val_annotations)
         self.splits: dict[str, tuple[str, str | None, str | None]] = {
             "train": (train_split, train_images, train_annotations),
@@ -136,9 +150,14 @@ class DetectionDataModule(L.LightningDataModule):
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.mosaic, self.close_mosaic, self.cache = mosaic, close_mosaic, cache
         self.multi_scale = tuple(multi_scale) if multi_scale is not None else None
-        self._train_base = self._open("train", class_names=class_names)
-        self.category_ids: list[int] = list(self._train_base.category_ids)
-        self.class_names: list[str] = list(self._train_base.class_names)
+        self._train_base: DetectionSource | None = None
+        if category_ids is None:  # the training split defines the classes
+            self._train_base = self._open("train", class_names=class_names)
+            category_ids, class_names = self._train_base.category_ids, self._train_base.class_names
+        elif class_names is None or len(class_names) != len(category_ids):
+            raise ValueError(f"category_ids ({len(category_ids)} ids) need as many class_names, got {class_names}")
+        self.category_ids: list[int] = list(category_ids)
+        self.class_names: list[str] = list(class_names)
         self.num_classes: int = len(self.category_ids)
         self.train_set: TransformedDataset | None = None
         self.val_set: TransformedDataset | None = None
@@ -156,7 +175,7 @@ class DetectionDataModule(L.LightningDataModule):
 
         Read from the annotations (no image is decoded), e.g. for anchor statistics.
         """
-        base = self._train_base
+        base = self._train_source()
         sizes = [
             torch.from_numpy(base.boxes[i][:, 2:] - base.boxes[i][:, :2]) * (self.image_size / max(h, w))
             for i, (h, w) in enumerate(base.sizes)
@@ -164,10 +183,28 @@ class DetectionDataModule(L.LightningDataModule):
         ]
         return torch.cat(sizes) if sizes else torch.zeros(0, 2)
 
+    def _train_source(self) -> DetectionSource:
+        """The training split, opened on first use when the class mapping was given."""
+        if self._train_base is None:
+            self._train_base = self._open("train", category_ids=self.category_ids, class_names=self.class_names)
+        return self._train_base
+
+    def _prepare_root(self) -> None:
+        """Generate the embedded dataset into ``root``, or check that ``root`` exists (once)."""
+        root = Path(self.hparams["root"])
+        if self._root_ready:
+            return
+        if self._embedded is not None:
+            ensure_shapes(root, self._embedded)
+        elif not root.exists():
+            raise FileNotFoundError(f"data root not found: {root} (set data.root, or data.embedded to generate shapes)")
+        self._root_ready = True
+
     def _open(self, split: str, **mapping: Any) -> DetectionSource:
         """One split through ``open_dataset``; ``mapping``: the training split's class mapping."""
         name, images, annotations = self.splits[split]
         h = self.hparams
+        self._prepare_root()
         return open_dataset(
             h["format"],
             h["root"],
@@ -183,9 +220,11 @@ class DetectionDataModule(L.LightningDataModule):
     def _split(self, split: str) -> TransformedDataset:
         size = self.image_size
         if split == "train":
-            base = CachedImages(self._train_base, size) if self.cache else self._train_base
-            mosaic = MosaicTiler(mosaic_transforms(size), self.mosaic) if self.mosaic > 0 else None
-            return TransformedDataset(base, train_transforms(size), size, mosaic=mosaic, seed=self._seed)
+            train = self._train_source()
+            base = CachedImages(train, size) if self.cache else train
+            aug = self.augment
+            mosaic = MosaicTiler(mosaic_transforms(size, augment=aug), self.mosaic) if self.mosaic > 0 else None
+            return TransformedDataset(base, train_transforms(size, augment=aug), size, mosaic=mosaic, seed=self._seed)
         base = self._open(split, category_ids=self.category_ids, class_names=self.class_names)
         return TransformedDataset(CachedImages(base, size) if self.cache else base, val_transforms(size), size)
 

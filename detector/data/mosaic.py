@@ -30,7 +30,7 @@ class MosaicTiler:
     """Builds mosaic samples (see the module docstring).
 
     Args:
-        transform: ``mosaic_transforms(size)``; reseeded for every mosaic item.
+        transform: ``mosaic_transforms(size, augment=...)``; reseeded for every mosaic item.
         prob: probability that an item is a mosaic, in [0, 1].
         mosaic_epochs: make mosaics only while ``epoch < mosaic_epochs`` (``None``: always).
     """

@@ -1,4 +1,4 @@
-"""The loss contract (DESIGN.md): elementwise, unreduced losses; the YOLO loss owns
+"""The loss contract: elementwise, unreduced losses; the YOLO loss owns
 assignment, ignore masks and reduction.
 
 - A classification or objectness loss maps ``logits [N, C]`` and ``targets [N, C]`` in [0, 1]

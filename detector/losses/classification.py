@@ -1,7 +1,7 @@
 """Elementwise classification losses: sigmoid BCE, softmax cross-entropy and focal loss.
 
 Every loss maps ``logits [N, C]``, ``targets [N, C]`` in [0, 1] and an optional
-``weight [N, C]`` to ``loss [N, C]``, unreduced (LOSSES.md §1, §3; DESIGN.md contracts).
+``weight [N, C]`` to ``loss [N, C]``, unreduced.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class BCE(ClassificationLoss):
 
 
 class SoftmaxCrossEntropy(ClassificationLoss):
-    """Softmax cross-entropy, elementwise over classes (LOSSES.md §1).
+    """Softmax cross-entropy, elementwise over classes (YOLOv2, SSD).
 
     ``loss [N, C]``: ``loss_i = −y_i log softmax(x)_i``, times ``weight [N, C]`` if given;
     summing over C gives the usual CE, whose gradient for a one-hot (or any sum-to-one) y is
@@ -99,7 +99,7 @@ class FocalLoss(ClassificationLoss):
 
     ``loss [N, C] = −α_t (1 − p_t)^γ log p_t`` with ``p_t = p`` if y = 1 else ``1 − p`` and
     ``α_t = α`` if y = 1 else ``1 − α``; times ``weight [N, C]`` if given. Normalise by the
-    number of positives (the YOLO loss's ``normalize: num_pos``) as in the paper.
+    number of positives (the YOLO loss's ``normalize: num_pos``, all-reduced under DDP) as in the paper.
 
     Args:
         alpha: α in [0, 1]; None disables the α weighting (α_t = 1).

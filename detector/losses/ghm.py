@@ -1,4 +1,4 @@
-"""GHM-C, the gradient harmonizing classification loss (Li et al., arXiv 1811.05181; LOSSES.md §4)."""
+"""GHM-C, the gradient harmonizing classification loss (Li et al., arXiv 1811.05181)."""
 
 from __future__ import annotations
 
@@ -25,8 +25,9 @@ class GHMC(ClassificationLoss):
       ``acc_b ← m·acc_b + (1 − m)·count_b`` (starts at 0, no bias correction, only the current
       batch's non-empty bins updated), kept in the persistent buffer ``acc`` (checkpointed).
       The buffer is only written in training mode, so validation does not move it.
-    - Returns ``w · BCE(x, y) · weight``, unreduced. Without momentum the w average to 1 over the
-      valid elements, so ``sum / tot`` is the paper's loss (with M = 1: plain mean BCE).
+    - Returns ``w · BCE(x, y) · weight``, unreduced. The paper's loss is ``Σ w·BCE / tot``: in the
+      YOLO loss that is ``normalize: valid`` for this component (``tot`` all-reduced under DDP).
+      Without momentum the w average to 1 over the valid elements (with M = 1: plain mean BCE).
 
     Args:
         bins: M ≥ 1 (30 in the paper's RetinaNet recipe).

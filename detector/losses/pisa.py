@@ -1,4 +1,4 @@
-"""PISA, prime sample attention (Cao et al., arXiv 1904.04821; LOSSES.md §5): ISR and CARL.
+"""PISA, prime sample attention (Cao et al., arXiv 1904.04821): ISR and CARL.
 
 Ranks are taken over the whole global batch: in DDP every process gathers the ranking keys
 (:func:`all_gather_cat`), ranks all rows, keeps its own, and the rescaling sums are
@@ -70,13 +70,18 @@ def _slots(groups: Tensor) -> tuple[Tensor, int]:
     return slot, int(slot.max()) + 1 if slot.numel() else 0
 
 
+IOU_BUDGET = 1 << 24  # elements of one chunk of nms_clusters' IoU matrix (64 MB in float32)
+
+
 def nms_clusters(boxes: Tensor, scores: Tensor, image_ids: Tensor, iou_thresh: float) -> Tensor:
     """Greedy NMS cluster of each box: ``boxes [K, 4]`` xyxy, ``scores [K]``, ``image_ids [K]`` -> ``[K]``.
 
     The cluster id is the index (into ``boxes``) of the highest-scoring NMS survivor of the same
     image whose IoU with the box exceeds ``iou_thresh`` and whose score is at least the box's own:
     the head that suppressed it. Survivors head their own cluster. Boxes and heads are laid out
-    per image, padded (``[I, K_max]``, ``[I, H_max]``), so the IoU matrix stays per image.
+    per image, padded (``[I, K_max]``, ``[I, H_max]``), so the IoU matrix stays per image; it is
+    computed in chunks of rows of at most ``IOU_BUDGET`` elements, so memory stays bounded however
+    many negatives take part.
     """
     # Dense image index: batched_nms offsets boxes by index × max coordinate, so raw ids (DDP
     # offsets them by rank << 32) would lose the boxes' precision in float32.
@@ -89,10 +94,16 @@ def nms_clusters(boxes: Tensor, scores: Tensor, image_ids: Tensor, iou_thresh: f
     score_pad = scores.new_zeros(n_img, k_max).index_put_((img, slot), scores)
     head_box = boxes.new_zeros(n_img, h_max, 4).index_put_((h_img, h_slot), boxes[heads])
     head_score = scores.new_full((n_img, h_max), -float("inf")).index_put_((h_img, h_slot), scores[heads])
-    member = batched_box_iou(box_pad, head_box) > iou_thresh  # (I, K_max, H_max)
-    member &= head_score[:, None, :] >= score_pad[:, :, None]  # padded heads (-inf) never match
-    member[h_img, slot[heads], h_slot] = True  # a survivor heads its own cluster, even a degenerate box
-    first = member.to(torch.uint8).argmax(-1)  # (I, K_max): first True = highest-scoring head
+    first = torch.empty(n_img, k_max, dtype=torch.long, device=boxes.device)  # (I, K_max)
+    step = max(1, IOU_BUDGET // max(n_img * h_max, 1))  # rows per chunk: bounded memory, any K
+    for start in range(0, k_max, step):
+        rows = slice(start, start + step)
+        member = batched_box_iou(box_pad[:, rows], head_box) > iou_thresh  # (I, step, H_max)
+        member &= head_score[:, None, :] >= score_pad[:, rows, None]  # padded heads (-inf) never match
+        first[:, rows] = member.to(torch.uint8).argmax(-1)  # first True = highest-scoring head
+    first[h_img, slot[heads]] = (
+        h_slot  # a survivor heads its own cluster (no earlier head overlaps it), even degenerate
+    )
     head_index = heads.new_zeros(n_img, h_max).index_put_((h_img, h_slot), heads)
     return head_index[img, first[img, slot]]
 
@@ -139,9 +150,10 @@ class ISR(ClassificationLoss):
       r the IoU-HLR of ``info.ious`` within their class ``info.labels`` grouped by ``info.gt_ids``.
     - ISR-N: negatives (``gt_ids == −1``) with ``info.scores > neg_score_thresh`` are clustered by
       greedy NMS (``nms_iou``) of ``info.boxes`` within an image (``info.image_ids``) and weighted
-      alike by their Score-HLR r over all K taking part, ``u = (K − r)/K``. Only the ``neg_topk``
-      highest-scoring such negatives of the whole (global) batch take part, which bounds the IoU
-      matrices (per image, ``[K_img, H_img]``). Other negatives keep w = 1.
+      alike by their Score-HLR r over all K taking part, ``u = (K − r)/K``, as in the paper. Other
+      negatives keep w = 1. ``neg_topk`` (not in the paper; off by default) keeps only the
+      ``neg_topk`` highest-scoring candidates of the whole (global) batch, which bounds the IoU
+      matrices (per image ``[K_img, H_img]``) when many negatives score above the floor.
     - Each set is rescaled so its total loss ``Σ base · w`` equals ``Σ base`` (so the total positive
       and the total negative loss are unchanged). Weights are computed without gradient.
 
@@ -152,7 +164,8 @@ class ISR(ClassificationLoss):
         k_neg, bias_neg: k and β of ISR-N (paper: 0.5, 0).
         neg_score_thresh: negatives at or below this score take no part (paper: 0.05).
         nms_iou: IoU threshold of the NMS clustering (paper: 0.5).
-        neg_topk: most negatives per global batch taking part in ISR-N.
+        neg_topk: None (the paper: every candidate) or the most candidates per global batch taking
+            part in ISR-N, a speed and memory option (the rest keep w = 1).
     """
 
     needs_info = True
@@ -168,7 +181,7 @@ class ISR(ClassificationLoss):
         bias_neg: float = 0.0,
         neg_score_thresh: float = 0.05,
         nms_iou: float = 0.5,
-        neg_topk: int = 2000,
+        neg_topk: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(base, ClassificationLoss):
@@ -179,13 +192,14 @@ class ISR(ClassificationLoss):
             raise ValueError(f"neg_score_thresh must be in [0, 1), got {neg_score_thresh}")
         if not 0.0 <= nms_iou <= 1.0:
             raise ValueError(f"nms_iou must be in [0, 1], got {nms_iou}")
-        if int(neg_topk) != neg_topk or neg_topk < 1:
-            raise ValueError(f"neg_topk must be an integer >= 1, got {neg_topk}")
+        if neg_topk is not None and (int(neg_topk) != neg_topk or neg_topk < 1):
+            raise ValueError(f"neg_topk must be an integer >= 1 or None, got {neg_topk}")
         self.base = base
         self.isr_p, self.isr_n = bool(isr_p), bool(isr_n)
         self.k_pos, self.bias_pos = float(k_pos), float(bias_pos)
         self.k_neg, self.bias_neg = float(k_neg), float(bias_neg)
-        self.neg_score_thresh, self.nms_iou, self.neg_topk = float(neg_score_thresh), float(nms_iou), int(neg_topk)
+        self.neg_score_thresh, self.nms_iou = float(neg_score_thresh), float(nms_iou)
+        self.neg_topk = None if neg_topk is None else int(neg_topk)
 
     def forward(
         self, logits: Tensor, targets: Tensor, weight: Tensor | None = None, info: SampleInfo | None = None
@@ -249,20 +263,31 @@ class ISR(ClassificationLoss):
         )
 
     def _topk(self, scores: Tensor) -> Tensor:
-        """Indices of the ``neg_topk`` highest scores, in input order (all of them if fewer)."""
-        if scores.numel() <= self.neg_topk:
+        """Indices of the ``neg_topk`` highest scores, in input order (all of them if fewer or no cap)."""
+        if self.neg_topk is None or scores.numel() <= self.neg_topk:
             return torch.arange(scores.numel(), device=scores.device)
         return torch.topk(scores, self.neg_topk).indices.sort().values
 
 
 class CARL(BoxLoss):
-    """Classification-aware regression loss: box loss weighted by the classification score.
+    """Classification-aware regression loss (PISA, arXiv 1904.04821): box loss weighted by the class score.
 
     Shapes: ``pred``, ``target`` :class:`BoxSet` of N rows, ``weight [N] | None`` -> ``[N]``.
-    ``v_i = ((1 − b)·s_i + b)^k`` with ``s_i = info.cls_score[i]`` (σ of the ground-truth class
-    logit, **with** gradient, so regression quality trains the classifier), rescaled by the
-    detached ``P / Σ v`` over the positive rows (``gt_ids >= 0`` and ``weight > 0``, both summed
-    over processes), so ``Σ v = P``; returns ``v_i · base(pred, target, weight)_i``.
+    With ``s_i = info.cls_score[i]`` (σ of the ground-truth class logit, with gradient) and the
+    positive rows (``gt_ids >= 0`` and ``weight > 0``; P of them, over all processes):
+
+    - ``v_i = ((1 − b)·s_i + b)^k``, rescaled to ``w_i = v_i · P / Σv`` so that ``Σ w = P``;
+    - ``out_i = w_i · l_i`` with ``l_i = base(pred, target, weight)_i``.
+
+    As in mmdetection's ``carl_loss``, the gradient flows through the rescaling ``P / Σv`` too, so
+    ``∂Σout/∂s_j = (P/Σv)·(l_j − l̄)·∂v_j/∂s_j`` with ``l̄ = Σ v_i l_i / Σ v_i`` the v-weighted mean
+    box loss: positives localised better than average get their score pushed up, worse ones down
+    (the paper's intent). The box logits get ``w_i · ∂l_i``.
+
+    Under DDP, ``P``, ``Σv`` and ``A = Σ v_i l_i`` are summed over processes (detached) and each
+    process returns ``r·v_i·l_i − c·(v_i − [v_i])`` on its rows, with ``r = P/Σv``, ``c = P·A/(Σv)²``
+    and ``[·]`` detached: the value is ``w_i·l_i`` and the gradient on every process's rows is that of
+    one process holding the whole batch.
 
     Args:
         base: the box loss to weight.
@@ -285,7 +310,7 @@ class CARL(BoxLoss):
     def forward(
         self, pred: BoxSet, target: BoxSet, weight: Tensor | None = None, info: SampleInfo | None = None
     ) -> Tensor:
-        """Base box loss ``[N]`` x ``v = (b + (1 − b)·s)^k``, s = ``info.cls_score``, scaled: Σv = #valid positives."""
+        """Base box loss ``[N]`` x ``w = v·P/Σv``, ``v = (b + (1 − b)·s)^k``, gradient through ``Σv`` (see the class)."""
         n = pred.raw.shape[0]
         if info is None or info.cls_score is None:
             raise ValueError("CARL needs info.cls_score (σ of the ground-truth class logit, with gradient)")
@@ -294,9 +319,14 @@ class CARL(BoxLoss):
         loss = self.base(pred, target, weight, info)  # (N,)
         v = (self.bias + (1.0 - self.bias) * info.cls_score).pow(self.k)
         valid = info.gt_ids >= 0 if weight is None else (info.gt_ids >= 0) & (weight > 0)
-        sums = all_reduce_sum(torch.stack([valid.sum().float(), torch.where(valid, v, 0.0).sum().float()]))
-        ratio = torch.where(sums[1] > 0, sums[0] / sums[1], torch.zeros_like(sums[0]))  # detached P / Σv
-        return v * ratio.to(v.dtype) * loss
+        v_valid = torch.where(valid, v, 0.0)
+        dtype = torch.promote_types(v.dtype, torch.float32)  # sums in at least float32 (bf16 under AMP)
+        local = torch.stack([valid.sum(), v_valid.sum(), (v_valid * loss).sum()]).to(dtype)
+        count, v_sum, weighted = all_reduce_sum(local)  # P, Σv, Σ v·l over all processes, detached
+        ratio = torch.where(v_sum > 0, count / v_sum, torch.zeros_like(v_sum))  # r = P / Σv
+        c = ratio * weighted / v_sum.clamp_min(1e-12)  # P·A / (Σv)²
+        through_sum = torch.where(valid, v - v.detach(), 0.0)  # value 0, gradient ∂v
+        return v * ratio.to(v.dtype) * loss - c.to(v.dtype) * through_sum
 
     def extra_repr(self) -> str:
         """``k`` and ``bias`` for ``print(module)``."""

@@ -1,15 +1,26 @@
 """The YOLOv3 loss: assignment, ignore mask and reduction around three pluggable losses.
 
-Darknet's recipe (``yolo_layer.c``; LOSSES.md §2): each ground truth is learnt by its best
-anchor over all scales; objectness is learnt everywhere except at negatives whose decoded
-box overlaps a ground truth by more than ``ignore_thresh``; classes and boxes only at
-positives. The pluggable parts are elementwise (DESIGN.md); this module owns the sum and
-its normaliser, so every variant is compared under the same reduction.
+Darknet's recipe (``yolo_layer.c``): each ground truth is learnt by its best anchor over all
+scales; objectness is learnt everywhere except at negatives whose decoded box overlaps a ground
+truth by more than ``ignore_thresh``; classes and boxes only at positives. The pluggable parts
+are elementwise and unreduced; this module owns the sum and its normaliser, so every variant is
+compared under the same reduction.
 
-Reduction: each component is ``weight · Σ elements / Z`` with ``Z`` the number of positives
-(RetinaNet, arXiv 1708.02002), of images (darknet, Ultralytics) or of anchors (a plain mean).
-Under DDP, ``Z`` is summed over processes and divided by the world size, so that the
-gradients DDP averages equal those of one process holding the whole batch.
+Reduction: each component c is ``weight_c · Σ elements_c / Z_c``. ``normalize`` names ``Z``, one
+mode for all three components or one per component:
+
+- ``batch``: the number of images (darknet, whose update divides the summed delta by the batch;
+  Ultralytics);
+- ``num_pos``: the number of positives (RetinaNet, arXiv 1708.02002);
+- ``num_anchors``: images × anchors per image (a plain mean over anchors);
+- ``valid``: the number of elements of that component that take part: non-ignored anchors for
+  objectness, positives × classes for classification, positives for the box. This is GHM-C's
+  ``tot`` (arXiv 1811.05181: ``Σ w·BCE / tot``).
+
+Under DDP each count is summed over processes and divided by the world size, so a process's loss
+is ``Σ_local / (Z_global / W)``: the mean of the W losses is ``Σ_all / Z_global`` and DDP's average
+of the gradients equals the gradient of one process holding the whole batch, however unevenly
+images and positives are spread over the processes.
 """
 
 from __future__ import annotations
@@ -30,7 +41,24 @@ from .box import DarknetBoxLoss
 from .classification import BCE
 from .objectness import BCEObjectness
 
-Normalize = Literal["num_pos", "batch", "num_anchors"]
+Normalize = Literal["num_pos", "batch", "num_anchors", "valid"]
+MODES = ("num_pos", "batch", "num_anchors", "valid")
+COMPONENTS = ("objectness", "classification", "box")
+
+
+def _normalize_modes(normalize: Normalize | dict[str, Normalize]) -> tuple[str, str, str]:
+    """``normalize`` -> the modes of (objectness, classification, box); ValueError on a bad name."""
+    if isinstance(normalize, str):
+        modes = {c: normalize for c in COMPONENTS}
+    else:
+        modes = dict(normalize)
+        unknown = set(modes) - set(COMPONENTS)
+        if unknown or len(modes) != len(COMPONENTS):
+            raise ValueError(f"normalize as a mapping needs exactly the keys {COMPONENTS}, got {sorted(modes)}")
+    for c, mode in modes.items():
+        if mode not in MODES:
+            raise ValueError(f"normalize must be one of {MODES} (for {c}), got {mode!r}")
+    return modes["objectness"], modes["classification"], modes["box"]
 
 
 class YOLOLoss(nn.Module):
@@ -46,11 +74,12 @@ class YOLOLoss(nn.Module):
         assign_thresh: None for darknet's single best anchor per ground truth; a value makes
             every anchor whose shape IoU exceeds it a positive too (AlexeyAB's ``iou_thresh``,
             0.213 in yolov4.cfg): more positives per object, a different imbalance.
-        normalize: the divisor Z of every component, see the module docstring.
+        normalize: the divisor Z, one of ``num_pos``, ``batch``, ``num_anchors``, ``valid`` for every
+            component, or a mapping ``{objectness: …, classification: …, box: …}`` (see the module docstring).
         obj_weight, cls_weight, box_weight: component weights.
 
     ``forward(outputs, targets, anchors, strides)``: ``outputs`` per scale
-    ``[B, A, H_s, W_s, 5 + C]`` raw; ``targets`` the DESIGN.md dicts (``boxes [N, 4]`` xyxy input
+    ``[B, A, H_s, W_s, 5 + C]`` raw; ``targets`` one dict per image (``boxes [N, 4]`` xyxy input
     pixels, ``labels [N]``); ``anchors [S, A, 2]`` pixels; ``strides`` per scale. Returns a dict
     of scalars ``loss`` (the total, for backward), ``loss_obj``, ``loss_cls``, ``loss_box`` and
     ``num_pos`` (this process's positives, detached).
@@ -59,8 +88,8 @@ class YOLOLoss(nn.Module):
     detached elementwise tensors as keywords (``detector.callbacks.ImbalanceDiagnostics`` sets it):
     ``obj=(logits, targets, weight, loss)`` each ``[B, N]``, ``cls=(logits, targets, loss)`` each
     ``[P, C]``, ``box`` ``[P]``, ``images`` and ``rows`` ``[P]`` (the positives), ``shapes``
-    (H_s, W_s) and ``strides`` per scale, ``z`` the normaliser; a component's share of ``loss`` is
-    ``weight · Σ elements / z``.
+    (H_s, W_s) and ``strides`` per scale, ``z [3]`` the normalisers of (objectness, classification,
+    box); a component's share of ``loss`` is ``weight · Σ elements / z[component]``.
     """
 
     recorder: Callable[..., None] | None = None  # a plain attribute: no state, nothing checkpointed
@@ -72,14 +101,13 @@ class YOLOLoss(nn.Module):
         box: BoxLoss | None = None,
         ignore_thresh: float = 0.5,
         assign_thresh: float | None = None,
-        normalize: Normalize = "batch",
+        normalize: Normalize | dict[str, Normalize] = "batch",
         obj_weight: float = 1.0,
         cls_weight: float = 1.0,
         box_weight: float = 1.0,
     ) -> None:
         super().__init__()
-        if normalize not in ("num_pos", "batch", "num_anchors"):
-            raise ValueError(f"normalize must be 'num_pos', 'batch' or 'num_anchors', got {normalize!r}")
+        self.modes = _normalize_modes(normalize)
         if not 0.0 < ignore_thresh <= 1.0:
             raise ValueError(f"ignore_thresh must be in (0, 1], got {ignore_thresh}")
         self.objectness = objectness if objectness is not None else BCEObjectness()
@@ -129,12 +157,12 @@ class YOLOLoss(nn.Module):
         e_box = self.box(pred, target, None, pos_info)  # (P,)
         l_obj, l_cls, l_box = e_obj.sum(), e_cls.sum(), e_box.sum()
 
-        z = self._normaliser(len(b), b_n, n_rows, head)
+        z = self._normaliser(len(b), b_n, n_rows, n_cls, obj_w)  # (3,)
         if self.recorder is not None:  # opt-in diagnostics, see the class docstring
             obj = (head[..., 4].detach(), obj_t, obj_w, e_obj.detach().view_as(obj_w))
             self.recorder(obj=obj, cls=(pos_cls.detach(), cls_t, e_cls.detach()), box=e_box.detach(),
                           images=b, rows=r, shapes=shapes, strides=strides, z=z)  # fmt: skip
-        parts = [w * loss / z for w, loss in zip(self.weights, (l_obj, l_cls, l_box))]
+        parts = [w * loss / zc for w, loss, zc in zip(self.weights, (l_obj, l_cls, l_box), z)]
         return {
             "loss": parts[0] + parts[1] + parts[2],
             "loss_obj": parts[0].detach(),
@@ -143,11 +171,14 @@ class YOLOLoss(nn.Module):
             "num_pos": torch.tensor(float(len(b)), device=head.device),
         }
 
-    def _normaliser(self, n_pos: int, n_img: int, n_rows: int, ref: Tensor) -> Tensor:
-        """Z, summed over processes and divided by the world size (see the module docstring)."""
-        count = {"num_pos": n_pos, "batch": n_img, "num_anchors": n_img * n_rows}[self.normalize]
-        total = dist.all_reduce_sum(ref.new_tensor(float(count)))
-        return total.clamp(min=1.0) / dist.world_size()
+    def _normaliser(self, n_pos: int, n_img: int, n_rows: int, n_cls: int, obj_w: Tensor) -> Tensor:
+        """``Z [3]`` of (objectness, classification, box): counts summed over processes (one collective),
+        at least 1, divided by the world size (see the module docstring)."""
+        per_mode = {"num_pos": n_pos, "batch": n_img, "num_anchors": n_img * n_rows}
+        valid = ((obj_w > 0).sum() if self.modes[0] == "valid" else 0, n_pos * n_cls, n_pos)  # GHM-C's tot
+        chosen = [valid[k] if mode == "valid" else per_mode[mode] for k, mode in enumerate(self.modes)]
+        counts = torch.stack([torch.as_tensor(c, dtype=torch.float32, device=obj_w.device) for c in chosen])
+        return dist.all_reduce_sum(counts).clamp(min=1.0) / dist.world_size()
 
     @staticmethod
     def _positive_info(
