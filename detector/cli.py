@@ -94,8 +94,8 @@ class DetectorCLI(LightningCLI):
         ``strict`` stops at load time) exits 2 with the same ``error:`` report as a bad training split."""
         try:
             super()._run_subcommand(subcommand)
-        except DataError as err:
-            _user_error(data_error_message(err), err)
+        except DataError as err:  # one line, as instantiate_classes prints a bad training split
+            _user_error(" ".join(data_error_message(err).split()), err)
 
     def after_fit(self) -> None:
         """Validate the best checkpoint (the last weights when none was saved) and print the table."""

@@ -177,7 +177,7 @@ class DetectorModule(L.LightningModule):
         # tests/test_nonfinite.py runs every loss on them); the guard rolls back what they wrote.
         losses = self.criterion(outputs, targets, self.model.anchors, self.model.strides)
         if self._guard is not None:
-            self._guard.record(outputs, losses["loss"], [t["image_id"] for t in targets])
+            self._guard.record(outputs, losses["loss"], [t.get("image_id") for t in targets])
         self.log_dict({f"train/{k}": losses[k] for k in ("loss_obj", "loss_cls", "loss_box")}, batch_size=len(images))
         self.log("train/loss", losses["loss"], prog_bar=True, batch_size=len(images))
         opt = self.optimizers()

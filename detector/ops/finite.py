@@ -56,15 +56,16 @@ class StepGuard:
 
     def __init__(self, module: nn.Module) -> None:
         self.snapshot = BufferSnapshot(module)
-        self.batches: list[tuple[Tensor, Tensor, list[Tensor]]] = []  # (flags (2,), loss, image ids) per batch
+        self.batches: list[tuple[Tensor, Tensor, list[Tensor | None]]] = []  # (flags (2,), loss, ids) per batch
 
     def begin(self) -> None:
         """Before a forward pass: snapshot the buffers if this is the first batch of the step."""
         if not self.batches:
             self.snapshot.take()
 
-    def record(self, outputs: list[Tensor], loss: Tensor, image_ids: list[Tensor]) -> None:
-        """After the loss: remember whether ``outputs`` / ``loss`` are finite (on device) and the batch's ids."""
+    def record(self, outputs: list[Tensor], loss: Tensor, image_ids: list[Tensor | None]) -> None:
+        """After the loss: remember whether ``outputs`` / ``loss`` are finite (on device) and the batch's
+        image ids (``None`` for a target without one)."""
         flags = torch.stack([nonfinite_flag(outputs), nonfinite_flag([loss])])  # (2,)
         self.batches.append((flags, loss.detach(), image_ids))
 
@@ -87,7 +88,7 @@ class StepGuard:
             return None
         what = "network outputs" if outputs_bad else "loss" if loss_bad else "gradients"
         mine = [b for b in batches if bool(b[0].any())] or batches  # the batches to blame on this process
-        ids = [int(i) for _, _, image_ids in mine for i in image_ids]
+        ids = [int(i) for _, _, image_ids in mine for i in image_ids if i is not None]
         return Nonfinite(what, ids, [float(loss) for _, loss, _ in batches])
 
 
