@@ -65,16 +65,16 @@ class StepClock(L.Callback):
 
 
 def disable_guard() -> None:
-    """No non-finite checks and no buffer snapshot in ``DetectorModule.training_step`` (measurement only)."""
+    """No non-finite check and no buffer snapshot in ``DetectorModule``'s steps (measurement only)."""
     from detector import module
 
-    class NoSnapshot:
+    class NoGuard:
         def __init__(self, _: torch.nn.Module) -> None: ...
-        def take(self) -> None: ...
-        def restore(self) -> None: ...
+        def begin(self) -> None: ...
+        def record(self, *args: object) -> None: ...
+        def check(self, _: object) -> None: ...
 
-    module.all_finite = lambda tensors: True
-    module.BufferSnapshot = NoSnapshot
+    module.StepGuard = NoGuard
 
 
 def _module(preset: str, channels_last: bool) -> DetectorModule:

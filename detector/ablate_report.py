@@ -13,7 +13,6 @@ two recipes in 2 of the C(6, 3) = 20 orderings, 10 % (the exact two-sided Mannâ€
 from __future__ import annotations
 
 import math
-import os
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +23,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .loggers import wandb_can_go_online  # noqa: E402
+from .loggers import wandb_mode  # noqa: E402
 
 METRICS = ("val/map", "val/map_50")
 Verdict = Literal["reference", "above", "below", "within", "too few seeds"]
@@ -154,9 +153,7 @@ def log_summary(summary: dict, runs: dict[str, dict[str, Any]], group: str, save
     (one row per run) and ``ablation/plot``; offline unless online is possible (``WANDB_MODE`` wins)."""
     import wandb
 
-    mode: Literal["online", "offline"] = "online" if wandb_can_go_online() else "offline"
-    if os.environ.get("WANDB_MODE") in ("online", "offline"):  # as WandbLogger: the environment wins
-        mode = "online" if os.environ["WANDB_MODE"] == "online" else "offline"
+    mode = wandb_mode("auto")  # the same decision as WandbLogger's (WANDB_MODE wins)
     run = wandb.init(project="detector", group=group, name="summary", job_type="ablation", dir=save_dir, mode=mode)
     columns = ["recipe", "runs"] + [f"{m} {k}" for m in METRICS for k in ("mean", "std", "delta", "verdict")]
     table = wandb.Table(columns=[*columns, "minutes"])

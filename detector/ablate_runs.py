@@ -263,6 +263,7 @@ def run_local(grid: Grid, indices: Sequence[int], out: Path, jobs: int) -> None:
     threads = max(1, cores() // jobs)
     resources = ["--threads", str(threads), "--max-workers", str(threads - 1)] if jobs > 1 else []
     env = dict(os.environ)  # children import this package, unless their working directory holds one (as python -m)
+    env.pop("WANDB_SERVICE", None)  # each run starts its own wandb service (an inherited one may be gone)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")]))
     if jobs > 1:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)

@@ -21,7 +21,9 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from .cli_errors import check_ckpt_path, summarize_init_error, summarize_parse_error
 from .data import DetectionDataModule
+from .data.checks import DataError, data_error_message
 from .module import DetectorModule
+from .runs import ResumeError, RunConfigSaver, prepare_run
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 FIT_HELP = (
@@ -61,13 +63,19 @@ class DetectorCLI(LightningCLI):
         return {k: v for k, v in roots.items() if v is not None}
 
     def before_instantiate_classes(self) -> None:
-        """Stop on a ``ckpt_path`` that names no checkpoint, before any data is read; give the data the
-        checkpoint's class mapping for validate/test/predict."""
-        if self.subcommand is not None:
-            message = check_ckpt_path(self.config[self.subcommand].get("ckpt_path"))
-            if message:
-                _user_error(message)
-            self._mapping_from_checkpoint()
+        """Before any data is read: stop on a ``ckpt_path`` that names no checkpoint, resolve ``last`` to
+        this configuration's latest run (``detector/runs.py``), and give the data the checkpoint's class
+        mapping for validate/test/predict."""
+        if self.subcommand is None:
+            return
+        message = check_ckpt_path(self.config[self.subcommand].get("ckpt_path"))
+        if message:
+            _user_error(message)
+        try:
+            prepare_run(self.subcommand, self._parser(self.subcommand), self.config[self.subcommand])
+        except ResumeError as err:
+            _user_error(str(err), err)
+        self._mapping_from_checkpoint()
 
     def _mapping_from_checkpoint(self) -> None:
         """validate/test/predict ``--ckpt_path``: the class names and category ids the model was trained
@@ -84,6 +92,14 @@ class DetectorCLI(LightningCLI):
             super().instantiate_classes()
         except (ValueError, FileNotFoundError, MisconfigurationException) as err:  # argument checks: a user mistake
             _user_error(summarize_init_error(err), err)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run as LightningCLI does; bad input found while running (a val/test split is built at setup,
+        ``strict`` stops at load time) exits 2 with the same ``error:`` report as a bad training split."""
+        try:
+            super()._run_subcommand(subcommand)
+        except DataError as err:  # one line, as instantiate_classes prints a bad training split
+            _user_error(" ".join(data_error_message(err).split()), err)
 
     def after_fit(self) -> None:
         """Validate the best checkpoint (the last weights when none was saved) and print the table."""
@@ -104,6 +120,7 @@ def cli_kwargs() -> dict:
     """The keyword arguments ``main`` gives ``DetectorCLI`` (tests build the same CLI with ``run=False``)."""
     return {
         "seed_everything_default": 0,
+        "save_config_callback": RunConfigSaver,  # config.yaml in the run's folder (detector/runs.py)
         "save_config_kwargs": {"overwrite": True},
         "auto_configure_optimizers": False,
         # allow_abbrev (the subcommands inherit it): no abbreviated options, jsonargparse 5's default, so

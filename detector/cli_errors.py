@@ -132,6 +132,8 @@ def describe(hint: Any) -> str:
         return {int: "an int", float: "a float", str: "a string"}[hint]
     if origin is list and len(args) == 1:
         return f"a list of {args[0].__name__ if isinstance(args[0], type) else describe(args[0])}"
+    if origin is dict and len(args) == 2:
+        return f"a mapping of {describe(args[0]).removeprefix('a ')} to {describe(args[1])}"
     if origin in (tuple, list, dict) or hint in (tuple, list, dict):
         return "a " + str(hint).replace("typing.", "")
     if isinstance(hint, type):

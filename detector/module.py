@@ -19,7 +19,7 @@ from .metrics import ShardedMeanAveragePrecision
 from .models import YOLOv3
 from .ops.boxes import unletterbox
 from .ops.dist import local_only
-from .ops.finite import BufferSnapshot, all_finite, nonfinite_entries
+from .ops.finite import Nonfinite, StepGuard, nonfinite_entries
 from .ops.postprocess import postprocess
 
 Batch = tuple[Tensor, list[dict[str, Tensor]]]
@@ -50,11 +50,13 @@ class DetectorModule(L.LightningModule):
         lr, momentum, weight_decay: optimizer settings.
         warmup_epochs: linear warm-up of the learning rate, then cosine decay to ``lr·min_lr_ratio``.
         conf_thresh, nms_iou, max_det: post-processing for evaluation (COCO: 0.001, 100 per image).
-        nonfinite: what a training batch whose outputs or loss hold a NaN/Inf does: "skip" (no
-            update; BatchNorm/GHM-C buffers rolled back; counted in ``train/nonfinite_skipped``) or
-            "stop" (``NonFiniteLossError`` naming the global step and the batch's image ids).
-            The check costs one reduction of the outputs and two host syncs per step.
-            All DDP processes take the same branch. A checkpoint with non-finite weights is never written.
+        nonfinite: what an optimizer step whose network outputs, loss or gradients hold a NaN/Inf
+            does: "skip" (no update; BatchNorm/GHM-C buffers rolled back; counted in
+            ``train/nonfinite_skipped``) or "stop" (``NonFiniteLossError`` naming the global step
+            and the batch's image ids). Checked once per step, before the optimizer step
+            (``detector.ops.finite.StepGuard``): one reduction of the outputs, one gradient norm,
+            one host sync. All DDP processes take the same branch. A checkpoint with non-finite
+            weights is never written.
         channels_last: keep the network in channels-last memory format (faster convs with AMP on GPUs).
         compile: ``torch.compile`` the network in place (state-dict keys unchanged); True for the
             default backend or a backend name (e.g. "inductor", "eager"). The first steps are slow.
@@ -102,9 +104,8 @@ class DetectorModule(L.LightningModule):
             self.model.to(memory_format=torch.channels_last)
         if compile:
             self.model.compile(**({} if compile is True else {"backend": compile}))
-        self.nonfinite_skipped = 0  # batches skipped so far; checkpointed
-        self._buffers_before: BufferSnapshot | None = None
-        self._skip_update = False  # set by a skipped batch, cleared at the optimizer step
+        self.nonfinite_skipped = 0  # optimizer steps skipped so far; checkpointed
+        self._guard: StepGuard | None = None  # set up on the training device in on_train_start
         self.val_map = self._make_metric()
         self.test_map = self._make_metric()
         # evaluation loss, weighted by images: exact under DDP with uneven shards (Lightning's own
@@ -163,21 +164,20 @@ class DetectorModule(L.LightningModule):
         return [EMA(self.hparams["ema_decay"], self.hparams.get("ema_warmup_steps", 200.0))]
 
     def on_train_start(self) -> None:
-        """Snapshot the buffers once on the training device; each step copies into it before the forward pass."""
-        # after the move to the device: the snapshot holds the buffers the steps will write
-        self._buffers_before = BufferSnapshot(self)
+        """Set up the non-finite guard on the training device (its buffer snapshot holds the buffers the steps write)."""
+        self._guard = StepGuard(self)
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        """Loss of one batch; for a skipped non-finite batch a zero loss and no update (see ``_nonfinite``)."""
+        """Loss of one batch; the non-finite guard records it and decides before the optimizer step."""
         images, targets = batch
-        if self._buffers_before is not None:
-            self._buffers_before.take()
+        if self._guard is not None:
+            self._guard.begin()
         outputs = self(images)
-        if not all_finite(outputs):  # before the loss: stateful losses must not see NaN logits
-            return self._nonfinite(targets, "network outputs")
+        # The losses take NaN/Inf outputs without failing (GHM-C clamps its bin index, PISA ranks them;
+        # tests/test_nonfinite.py runs every loss on them); the guard rolls back what they wrote.
         losses = self.criterion(outputs, targets, self.model.anchors, self.model.strides)
-        if not all_finite([losses["loss"]]):
-            return self._nonfinite(targets, "loss")
+        if self._guard is not None:
+            self._guard.record(outputs, losses["loss"], [t.get("image_id") for t in targets])
         self.log_dict({f"train/{k}": losses[k] for k in ("loss_obj", "loss_cls", "loss_box")}, batch_size=len(images))
         self.log("train/loss", losses["loss"], prog_bar=True, batch_size=len(images))
         opt = self.optimizers()
@@ -185,35 +185,41 @@ class DetectorModule(L.LightningModule):
         self.log("lr", opt.param_groups[0]["lr"], batch_size=len(images))
         return losses["loss"]
 
-    def _nonfinite(self, targets: list[dict[str, Tensor]], what: str) -> Tensor:
-        """Skip the batch (roll the buffers back, count it) or stop the run, per ``hparams.nonfinite``.
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """The non-finite guard's one check per step, once the gradients are there (and unscaled under
+        AMP); a step with a NaN/Inf in its outputs, loss or gradients is skipped or stops the run."""
+        if self._guard is None:
+            return
+        # a GradScaler (16-mixed) skips steps whose gradients are non-finite itself, and lowers its scale
+        scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        found = self._guard.check(None if scaled else grads)
+        if found is not None:
+            self._nonfinite(found, optimizer)
 
-        Skipping returns a zero loss built from one element of every parameter (not from the NaN
-        outputs): every DDP process runs the same backward (Lightning forbids returning None under
-        DDP), the gradients are 0, and ``on_before_optimizer_step`` then drops them, so the optimizer
-        (which skips parameters without a gradient) leaves weights and momentum untouched. With
-        gradient accumulation the whole accumulated step is skipped.
+    def _nonfinite(self, found: Nonfinite, optimizer: torch.optim.Optimizer) -> None:
+        """Skip the step (no update, buffers rolled back, counted) or stop the run, per ``hparams.nonfinite``.
+
+        Skipping drops every gradient, so the optimizer (which leaves parameters without a gradient
+        alone) changes neither weights nor momentum; the forward passes' BatchNorm statistics and
+        stateful-loss buffers (GHM-C) go back to the snapshot taken before the step's first batch.
+        The learning-rate schedule and ``global_step`` still advance. With gradient accumulation the
+        whole accumulated step is skipped.
         """
-        step = self.trainer.global_step if self._trainer is not None else 0
-        ids = [int(t["image_id"]) for t in targets]
+        step = self.trainer.global_step
+        losses = ", ".join(f"{v:.3g}" for v in found.losses)
+        where = f"at global step {step} (epoch {self.current_epoch}; loss {losses})"
         if self.hparams["nonfinite"] == "stop":
             raise NonFiniteLossError(
-                f"non-finite {what} at global step {step} (epoch {self.current_epoch}); image ids of the batch: {ids}. "
-                "Lower the learning rate or fix these images, or set model.nonfinite=skip to skip such batches."
+                f"non-finite {found.what} {where}; image ids of the batch: {found.image_ids}. "
+                "Lower the learning rate or fix these images, or set model.nonfinite=skip to skip such steps."
             )
-        if self._buffers_before is not None:
-            self._buffers_before.restore()
+        optimizer.zero_grad(set_to_none=True)
+        if self._guard is not None:
+            self._guard.snapshot.restore()
         self.nonfinite_skipped += 1
-        rank_zero_warn(f"skipped a batch with non-finite {what} at global step {step}; image ids: {ids}")
-        self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), batch_size=len(targets))
-        self._skip_update = True
-        return torch.stack([p[(0,) * p.ndim] for p in self.parameters() if p.requires_grad]).sum() * 0.0
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Drop the gradients of a step that held a skipped non-finite batch, so the optimizer changes nothing."""
-        if self._skip_update:  # a skipped batch in this step: no update at all
-            optimizer.zero_grad(set_to_none=True)
-            self._skip_update = False
+        rank_zero_warn(f"skipped a step with non-finite {found.what} {where}; image ids: {found.image_ids}")
+        self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), batch_size=max(len(found.image_ids), 1))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Refuse to write non-finite weights (raw or averaged); keep the skip counter."""

@@ -7,10 +7,11 @@
 # Arguments go to train.py last, so they win. Environment knobs (defaults):
 #   RUN_ID (required: rendezvous id, W&B run id, run folder)   NNODES=1   NPROC=<GPUs on this node>
 #   RDZV_HOST=localhost  RDZV_PORT=29500  MAX_RESTARTS=3   CONFIG=configs/default.yaml   RUNS=runs
-#   BATCH=8  NOMINAL_BATCH=64  LR_NOMINAL=0.01 (scripts/batch_rule.sh)   TORCHRUN=torchrun
-# A failed worker makes torchrun restart the whole group (up to MAX_RESTARTS times); the restarted
-# processes resume from the last.ckpt of the run (--ckpt_path last), and a first start, which has
-# none, trains from scratch (Lightning only warns that no last checkpoint exists yet).
+#   BATCH=8  NOMINAL_BATCH=64  LR_NOMINAL=0.01 (scripts/batch_rule.sh)   TORCHRUN=torchrun   PYTHON=python
+# A failed worker makes torchrun restart the whole group (up to MAX_RESTARTS times). Every worker starts
+# through scripts/resume.sh, which adds --ckpt_path with the run's newest last.ckpt (written every epoch
+# and every 30 minutes) when there is one: a restart resumes, a first start trains from scratch. Running
+# this script again with the same RUN_ID (e.g. after the job was killed) resumes the same way.
 
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,8 +30,8 @@ echo "run $run_id: $nnodes nodes × $nproc GPUs, ${rule[*]}"
 
 exec "${TORCHRUN:-torchrun}" --nnodes "$nnodes" --nproc-per-node "$nproc" --max-restarts "${MAX_RESTARTS:-3}" \
   --rdzv-backend c10d --rdzv-endpoint "${RDZV_HOST:-localhost}:${RDZV_PORT:-29500}" --rdzv-id "$run_id" \
+  --no-python bash scripts/resume.sh "$run_dir" "${PYTHON:-python}" \
   train.py --config "${CONFIG:-configs/default.yaml}" --config configs/trainer/ddp.yaml \
   --trainer.num_nodes "$nnodes" --trainer.devices "$nproc" --data.batch_size "${BATCH:-8}" "${rule[@]}" \
   --trainer.default_root_dir "$run_dir" \
-  --trainer.logger.init_args.save_dir "$run_dir" --trainer.logger.init_args.id "$run_id" \
-  --ckpt_path last "$@"
+  --trainer.logger.init_args.save_dir "$run_dir" --trainer.logger.init_args.id "$run_id" "$@"

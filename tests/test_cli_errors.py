@@ -54,7 +54,7 @@ def _error(capsys: pytest.CaptureFixture, args: list[str]) -> str:
         (["--model.loss.init_args.classification", "nowhere.NopeLoss"],  # a module that does not exist
          "model.loss.classification: 'nowhere.NopeLoss' is not valid; accepted: a ClassificationLoss ("),
         (["--model.loss.init_args.normalize", "foo"],
-         "model.loss.normalize: 'foo' is not valid; accepted: one of 'num_pos', 'batch', 'num_anchors'"),
+         "model.loss.normalize: 'foo' is not valid; accepted: one of 'num_pos', 'batch', 'num_anchors', 'valid' or a mapping of string to one of 'num_pos', 'batch', 'num_anchors', 'valid'"),
         (["--data.multi_scale", "abc"], "data.multi_scale: 'abc' is not valid; accepted: a tuple[int, int] or null"),
         (["--model.lrr", "0.1"], "model.lrr: unknown option; did you mean model.lr?"),
         (["--trainer.max_epoch", "3"],  # an abbreviation is not silently another key
@@ -81,7 +81,7 @@ def test_command_line_mistake(capsys: pytest.CaptureFixture, tmp_path: Path, ext
         ("data:\n  batch_size: abc\n", "data.batch_size: 'abc' is not valid; accepted: an int"),
         ("model:\n  lrr: 0.1\n", "model.lrr: unknown option; did you mean model.lr?"),
         ("model:\n  loss:\n    init_args:\n      normalize: foo\n",
-         "model.loss.normalize: 'foo' is not valid; accepted: one of 'num_pos', 'batch', 'num_anchors'"),
+         "model.loss.normalize: 'foo' is not valid; accepted: one of 'num_pos', 'batch', 'num_anchors', 'valid' or a mapping of string to one of 'num_pos', 'batch', 'num_anchors', 'valid'"),
     ],
 )  # fmt: skip
 def test_config_file_mistake(capsys: pytest.CaptureFixture, tmp_path: Path, text: str, line: str) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+import yaml
 from lightning.pytorch import Callback
 from lightning.pytorch.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 
@@ -115,7 +116,9 @@ def _value(args: list[str], flag: str) -> str:
     return args[args.index(flag) + 1]
 
 
-@pytest.mark.parametrize("script", ["scripts/slurm/train.sbatch", "scripts/torchrun.sh", "scripts/batch_rule.sh"])
+@pytest.mark.parametrize(
+    "script", ["scripts/slurm/train.sbatch", "scripts/torchrun.sh", "scripts/batch_rule.sh", "scripts/resume.sh"]
+)
 def test_scripts_are_valid_bash(script: str) -> None:
     proc = subprocess.run(["bash", "-n", str(ROOT / script)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -176,6 +179,54 @@ def test_sbatch_command_and_resume(tmp_path: Path, capsys: pytest.CaptureFixture
         os.utime(newest, (2e9, 2e9))
         assert _run_script(tmp_path, "scripts/slurm/train.sbatch", env).returncode == 0
         assert _value((tmp_path / "srun.args").read_text().splitlines(), "--ckpt_path") == str(newest)
+    assert not hpc.exists() and last.exists()  # an hpc_ckpt older than the checkpoint resumed from is deleted
+    newer_hpc = run_dir / "hpc_ckpt_2.ckpt"
+    newer_hpc.touch()
+    os.utime(newer_hpc, (3e9, 3e9))
+    assert _run_script(tmp_path, "scripts/slurm/train.sbatch", env).returncode == 0
+    assert _value((tmp_path / "srun.args").read_text().splitlines(), "--ckpt_path") == str(newer_hpc)
+    assert newer_hpc.exists() and last.exists()  # a last.ckpt is never deleted
+
+
+def test_sbatch_layers_several_configs(tmp_path: Path) -> None:
+    env = {**SLURM_2X8, "SLURM_SUBMIT_DIR": str(ROOT), "CONFIG": "configs/default.yaml configs/yolov3_coco.yaml"}
+    assert _run_script(tmp_path, "scripts/slurm/train.sbatch", env).returncode == 0
+    args = (tmp_path / "srun.args").read_text().splitlines()
+    configs = [args[i + 1] for i, a in enumerate(args) if a == "--config"]
+    assert configs == ["configs/default.yaml", "configs/yolov3_coco.yaml", "configs/trainer/ddp.yaml",
+                       "configs/cluster/slurm.yaml"]  # fmt: skip
+
+
+def test_sbatch_signals_before_the_time_limit() -> None:
+    """SLURM's --signal is the requeue signal of configs/cluster/slurm.yaml, with at least 120 s to save."""
+    lines = (ROOT / "scripts" / "slurm" / "train.sbatch").read_text().splitlines()
+    (signal_line,) = [line for line in lines if line.startswith("#SBATCH --signal=")]
+    name, seconds = signal_line.removeprefix("#SBATCH --signal=").split("@")
+    config = yaml.safe_load((ROOT / "configs" / "cluster" / "slurm.yaml").read_text())
+    (plugin,) = config["trainer"]["plugins"]
+    assert name == plugin["init_args"]["requeue_signal"] == "SIGUSR1" and plugin["init_args"]["auto_requeue"]
+    assert int(seconds) >= 120 and "#SBATCH --requeue" in lines
+
+
+def test_resume_script_adds_the_newest_checkpoint(tmp_path: Path) -> None:
+    run_dir = tmp_path / "runs" / "exp1"
+    cmd = [
+        "bash",
+        str(ROOT / "scripts" / "resume.sh"),
+        str(run_dir),
+        str(_stand_in(tmp_path, "python") / "python"),
+        "train.py",
+    ]
+    assert subprocess.run(cmd, check=True).returncode == 0
+    assert (tmp_path / "python.args").read_text().splitlines() == ["train.py"]  # a first start: from scratch
+    hpc, last = run_dir / "hpc_ckpt_3.ckpt", run_dir / "detector" / "exp1" / "checkpoints" / "last.ckpt"
+    other = run_dir / "detector" / "exp1" / "checkpoints" / "epoch004-map0.1000.ckpt"  # a best one: not resumed from
+    last.parent.mkdir(parents=True)
+    for path, mtime in ((hpc, 1e9), (last, 2e9), (other, 3e9)):
+        path.touch()
+        os.utime(path, (mtime, mtime))
+    subprocess.run(cmd, check=True)
+    assert (tmp_path / "python.args").read_text().splitlines() == ["train.py", "--ckpt_path", str(last)]
 
 
 def test_sbatch_refuses_tasks_that_are_not_one_per_gpu(tmp_path: Path) -> None:
@@ -198,9 +249,18 @@ def test_torchrun_command(tmp_path: Path) -> None:
     args = (tmp_path / "torchrun.args").read_text().splitlines()
     expected = {"--nnodes": "2", "--nproc-per-node": "8", "--rdzv-backend": "c10d", "--rdzv-endpoint": "node0:29500",
                 "--rdzv-id": "exp1", "--trainer.num_nodes": "2", "--trainer.devices": "8", "--model.lr": "0.02",
-                "--trainer.logger.init_args.id": "exp1", "--ckpt_path": "last"}  # fmt: skip
+                "--trainer.logger.init_args.id": "exp1"}  # fmt: skip
     assert {flag: _value(args, flag) for flag in expected} == expected
-    assert "train.py" in args and args[-2:] == ["--trainer.max_epochs", "3"]
+    # every worker starts through resume.sh, which adds --ckpt_path when the run has a checkpoint
+    start = args.index("--no-python")
+    assert args[start + 1 : start + 6] == [
+        "bash",
+        "scripts/resume.sh",
+        str(tmp_path / "runs" / "exp1"),
+        "python",
+        "train.py",
+    ]
+    assert "--ckpt_path" not in args and args[-2:] == ["--trainer.max_epochs", "3"]
 
 
 class _Preempt(Callback):

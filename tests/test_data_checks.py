@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import warnings
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+import torch
 import yaml
 
-from detector.data.checks import BENIGN, PROBLEMS, CheckReport, check_boxes
+from detector.data.checks import BENIGN, PROBLEMS, CheckReport, DataError, check_boxes, data_error_message
 from detector.data.coco import CocoDetection
 from detector.data.voc import VocDetection
 from detector.data.yolo import YoloDetection
@@ -58,7 +60,7 @@ CASES = {
         2,
     ),
     "size_mismatch": ({"other.png": GOOD}, [(2, "other.png", H + 1, W)], [], 1),
-    "duplicate_image_id": ({"other.png": GOOD}, [(1, "other.png", H, W)], [], 1),
+    "duplicate_image_id": ({}, [(1, "good.png", H, W)], [], 1),  # the same entry again (other files: test_data_coco)
     "duplicate_file": ({}, [(2, "good.png", H, W)], [], 1),
     "bad_annotation": ({}, [], [(1, 1, [0, 0, 5]), (7, 1, [0, 0, 5, 5])], 2),
     "box_nonfinite": ({}, [], [(1, 1, [math.nan, 0, 5, 5]), (1, 1, [0, 0, math.inf, 5])], 2),
@@ -150,8 +152,23 @@ def test_a_file_failing_at_load_time_is_replaced_by_the_next(tmp_path):
         warnings.simplefilter("error")  # remembered: no retry, no second warning
         assert ds[2]["image_id"] == 1 and ds[0]["image_id"] == 1
     (tmp_path / "img" / "good.png").unlink()
-    with pytest.raises(RuntimeError, match="none of its 3 images could be decoded"), pytest.warns(UserWarning):
+    with pytest.raises(DataError, match="none of its 3 images could be decoded"), pytest.warns(UserWarning):
         ds[0]
+
+
+def test_strict_stops_at_load_time_too_and_the_cli_message_survives_a_worker(tmp_path):
+    files = {"good.png": GOOD, "b.png": GOOD}
+    ds = _coco(tmp_path, files, [OK_IMAGE, (2, "b.png", H, W)], [OK_BOX], strict=True)
+    (tmp_path / "img" / "b.png").write_bytes(b"broken after the checks")
+    message = r"bad input \(strict=True\): .*ann.json: image not found or unreadable: .*b.png .*\(load_failed\)$"
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=1, sampler=[1])
+    with pytest.raises(DataError) as err:  # re-raised in this process with the worker's traceback in its text
+        next(iter(loader))
+    assert "Original Traceback" in str(err.value)
+    assert re.fullmatch(message, data_error_message(err.value))  # what the CLI prints
+    with pytest.raises(DataError, match=message):
+        ds[1]
+    assert ds.report.counts["load_failed"] == 1
 
 
 def test_nothing_usable_is_an_error_even_when_not_strict(tmp_path):
@@ -247,3 +264,102 @@ def test_exif_orientation_is_applied_unless_the_annotation_is_in_the_stored_fram
     assert "exif_orientation" not in as_stored.report.counts
     with pytest.warns(UserWarning, match="size_mismatch=1"):
         _coco(tmp_path / "c", {**files, "ok.png": GOOD}, [(1, "r.png", 25, 25), (2, "ok.png", H, W)], [])
+
+
+def _scan_start(jpeg: bytes) -> int:
+    """Offset of the first byte of entropy-coded data (after the SOS segment)."""
+    sos = jpeg.index(b"\xff\xda")
+    return sos + 2 + int.from_bytes(jpeg[sos + 2 : sos + 4], "big")
+
+
+def _corrupt_jpegs() -> dict[str, bytes]:
+    """A real JPEG, and two corrupt versions that still end with the end-of-image marker."""
+    smooth = cv2.GaussianBlur(NOISE, (7, 7), 0)
+    good = cv2.imencode(".jpg", smooth, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
+    start, end = _scan_start(good), len(good) - 2  # scan data is good[start:end]
+    cut = good[: start + (end - start) // 3] + b"\xff\xd9"  # cut short, end marker re-appended
+    noisy = bytearray(good)
+    middle = (start + end) // 2
+    noisy[middle : middle + 32] = np.random.default_rng(1).integers(0, 256, 32, dtype=np.uint8).tobytes()
+    return {"good.jpg": good, "cut.jpg": cut, "noisy.jpg": bytes(noisy)}
+
+
+def test_verify_decode_catches_corrupt_jpeg_data_that_passes_every_other_check(tmp_path):
+    files = _corrupt_jpegs()
+    assert all(data.endswith(b"\xff\xd9") for data in files.values())  # the tail check cannot see it
+    images = [(k, name, 64, 64) for k, name in enumerate(files, 1)]
+    anns = [(k, 1, [1, 2, 10, 5]) for k in (1, 2, 3)]
+    header = _coco(tmp_path, files, images, anns)  # header mode trusts them ...
+    assert len(header) == 3 and header.report.problems == {}
+    cut = header[1]["image"]  # ... and OpenCV decodes the cut file, with its lower part flat grey
+    assert cut.shape == (64, 64, 3) and (cut[48:] == 128).all() and cut[:16].std() > 1
+    with pytest.warns(UserWarning, match=r"1 of 3 images kept; problems: corrupt_image=2\b") as record:
+        ds = CocoDetection(tmp_path / "img", tmp_path / "ann.json", verify="decode")
+    assert ds.image_ids == [1] and ds.report.problems == {"corrupt_image": 2}
+    examples = dict((where.split(" ")[0], where) for where, _ in ds.report.examples)
+    assert examples.keys() == {"cut.jpg", "noisy.jpg"}  # named, with libjpeg's own words
+    assert "Corrupt JPEG data" in examples["cut.jpg"] and "cut.jpg (" in str(record[0].message)
+    with pytest.raises(DataError, match=r"(?s)bad input \(strict=True\).*corrupt_image=2.*cut.jpg \(Corrupt JPEG"):
+        CocoDetection(tmp_path / "img", tmp_path / "ann.json", verify="decode", strict=True)
+
+
+def test_verify_decode_accepts_every_kind_of_sound_jpeg(tmp_path):
+    from PIL import Image
+
+    smooth = cv2.GaussianBlur(NOISE, (7, 7), 0)
+    variants = {
+        "progressive.jpg": {"progressive": True, "optimize": True},
+        "restarts.jpg": {"restart_marker_blocks": 2},
+        "gray.jpg": {"mode": "L"},
+        "cmyk.jpg": {"mode": "CMYK"},
+    }
+    files = {"trailing.jpg": _corrupt_jpegs()["good.jpg"] + b"\x00" * 50}  # bytes after the end: harmless
+    for name, kwargs in variants.items():
+        path = tmp_path / name
+        Image.fromarray(smooth[..., ::-1]).convert(kwargs.pop("mode", "RGB")).save(path, "JPEG", **kwargs)
+        files[name] = path.read_bytes()
+    images = [(k, name, 64, 64) for k, name in enumerate(files, 1)]
+    ds = _coco(tmp_path, files, images, [(1, 1, [1, 2, 10, 5])], verify="decode", strict=True)
+    assert len(ds) == 5 and ds.report.problems == {}
+    truncated = _corrupt_jpegs()["good.jpg"][:-300]  # cut without a new end marker: truncated, as in header mode
+    (tmp_path / "img" / "trailing.jpg").write_bytes(truncated)
+    with pytest.warns(UserWarning, match=r"problems: truncated_image=1\b"):
+        CocoDetection(tmp_path / "img", tmp_path / "ann.json", verify="decode")
+
+
+def test_a_split_without_any_box_is_reported(tmp_path):
+    files = {"good.png": GOOD, "b.png": GOOD}
+    with pytest.warns(UserWarning, match=r"problems: none\n  no box in any image: every image is a negative"):
+        ds = _coco(tmp_path, files, [OK_IMAGE, (2, "b.png", H, W)], [])
+    assert len(ds) == 2 and ds.report.counts == {"no_boxes": 2}
+    with pytest.warns(UserWarning, match=r"problems: class_out_of_range=1\n  no box in any image") as record:
+        _coco(tmp_path, files, [OK_IMAGE, (2, "b.png", H, W)], [(1, 9, [1, 2, 10, 5])])  # its only box: unknown class
+    assert len(record) == 1  # one warning for both
+    with pytest.raises(DataError, match=r"(?s)bad input \(strict=True\).*no box in any image"):
+        _coco(tmp_path, files, [OK_IMAGE, (2, "b.png", H, W)], [], strict=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one box is enough
+        _coco(tmp_path, files, [OK_IMAGE, (2, "b.png", H, W)], [OK_BOX], strict=True)
+
+
+def test_yolo_label_files_without_an_image_are_counted(tmp_path):
+    for folder in ("images/train/sub", "labels/train/sub", "images/val", "labels/val"):
+        (tmp_path / folder).mkdir(parents=True)
+    for stem in ("train/a", "train/sub/b", "val/c"):
+        (tmp_path / "images" / f"{stem}.png").write_bytes(GOOD)
+        (tmp_path / "labels" / f"{stem}.txt").write_text("0 0.5 0.5 0.5 0.5\n")
+    (tmp_path / "images/train/d.gif").write_bytes(b"GIF89a")  # not an image suffix the reader loads
+    (tmp_path / "labels/train/d.txt").write_text("0 0.5 0.5 0.5 0.5\n")
+    (tmp_path / "labels/train/sub/gone.txt").write_text("0 0.5 0.5 0.5 0.5\n")  # its image was deleted
+    (tmp_path / "labels/train/classes.txt").write_text("p\n")  # a class list some tools write: not a label
+    (tmp_path / "d.yaml").write_text(yaml.safe_dump({"train": "images/train", "val": "images/val", "names": ["p"]}))
+    with pytest.warns(UserWarning, match=r"2 of 2 images kept; problems: orphan_label=2\b") as record:
+        ds = YoloDetection(tmp_path / "d.yaml", "train")
+    assert len(ds) == 2 and [len(b) for b in ds.boxes] == [1, 1]
+    assert "labels/train/d.txt: orphan_label" in str(record[0].message)
+    assert "labels/train/sub/gone.txt: orphan_label" in str(record[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the val split's label folder holds only its own labels
+        assert len(YoloDetection(tmp_path / "d.yaml", "val", strict=True)) == 1
+    with pytest.raises(DataError, match=r"(?s)strict=True.*orphan_label=2"):
+        YoloDetection(tmp_path / "d.yaml", "train", strict=True)

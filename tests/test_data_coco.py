@@ -135,3 +135,32 @@ def test_bad_annotation_entries_are_counted(tmp_path):
         ds = CocoDetection(*_write(tmp_path, coco))
     assert "ann.json annotation 20" in str(record[0].message)
     np.testing.assert_array_equal(ds.labels[0], [1, 2])
+
+
+def test_a_repeated_image_id_never_lends_boxes_to_another_image(tmp_path):
+    """Id 10 is listed for a.jpg and for b.png (as a corrupted file has it): whose boxes are the
+    annotations of id 10? Neither image can be trusted, so both are skipped and the annotations
+    counted, never attached to a kept image. Id 30 is c.jpg listed twice: one image, its own boxes."""
+    images, ann = _write(tmp_path, "{}")
+    cv2.imwrite(str(images / "c.jpg"), np.zeros((30, 40, 3), np.uint8))
+    coco = {
+        "images": [
+            {"id": 10, "file_name": "a.jpg", "width": 40, "height": 30},
+            {"id": 30, "file_name": "c.jpg", "width": 40, "height": 30},
+            {"id": 10, "file_name": "b.png", "width": 20, "height": 50},
+            {"id": 30, "file_name": "c.jpg", "width": 40, "height": 30},
+        ],
+        "annotations": [  # 3 boxes of a.jpg, 3 of b.png, 2 of c.jpg
+            *({"id": k, "image_id": 10, "category_id": 7, "bbox": [k, k, 5, 5]} for k in range(6)),
+            {"id": 6, "image_id": 30, "category_id": 11, "bbox": [1, 2, 3, 4]},
+            {"id": 7, "image_id": 30, "category_id": 7, "bbox": [10, 10, 20, 10]},
+        ],
+        "categories": COCO["categories"],
+    }
+    ann.write_text(json.dumps(coco))
+    with pytest.warns(UserWarning, match=r"1 of 4 images kept; problems: duplicate_image_id=3, ambiguous_annotation=6"):
+        ds = CocoDetection(images, ann)
+    assert ds.image_ids == [30] and ds.file_names == ["c.jpg"]
+    np.testing.assert_array_equal(ds[0]["boxes"], [[1, 2, 4, 6], [10, 10, 30, 20]])  # exactly its own two
+    np.testing.assert_array_equal(ds[0]["labels"], [2, 1])
+    assert "ann.json annotation 0 (image_id 10 is listed for 2 files)" in dict(ds.report.examples)

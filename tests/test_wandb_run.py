@@ -13,11 +13,13 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import wandb
 from lightning.pytorch.loggers import CSVLogger
+from tiny_fit import STEPS_PER_EPOCH, Scripted, default_checkpoints, trainer
 from wandb.proto import wandb_internal_pb2
 
 from detector.cli import main
-from detector.loggers import log_to_wandb, wandb_run
+from detector.loggers import WandbLogger, log_to_wandb, wandb_run
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK, HEADER = 32768, 7
@@ -104,7 +106,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         elif kind == "artifact":
             artifacts.append(record.artifact)
     return {"history": history, "summary": summary, "config": config, "artifacts": artifacts,
-            "files": run_file.parent / "files", "dm": cli.datamodule}  # fmt: skip
+            "files": run_file.parent / "files", "dm": cli.datamodule,
+            "best": Path(cli.trainer.checkpoint_callback.best_model_path).name}  # fmt: skip
 
 
 def _rows(run: dict, key: str) -> list[dict]:
@@ -178,11 +181,62 @@ def test_per_class_table_and_histograms(run: dict) -> None:
     assert "diag/g_density" in run["config"]["_wandb"]["visualize"]
 
 
+def _models(artifacts: list) -> list[tuple[list[str], dict]]:
+    """(aliases, metadata) of the ``model`` artifact versions, in the order they were logged."""
+    return [(sorted(a.aliases), json.loads(a.metadata)) for a in artifacts if a.type == "model"]
+
+
 def test_checkpoints_as_artifacts(run: dict) -> None:
-    models = [a for a in run["artifacts"] if a.type == "model"]
-    aliases = [set(a.aliases) for a in models]
-    assert {"best", "latest"} in aliases and len(models) == 2  # the best and the last checkpoint
-    assert all([c.path for c in a.manifest.contents] == ["model.ckpt"] for a in models)
+    # the best, then last.ckpt; wandb adds "latest" to every version it logs, W&B keeps it on the newest
+    models = _models(run["artifacts"])
+    assert [(aliases, m["original_filename"]) for aliases, m in models] == [
+        (["best", "latest"], run["best"]),
+        (["latest"], "last.ckpt"),
+    ]
+    assert all([c.path for c in a.manifest.contents] == ["model.ckpt"] for a in run["artifacts"] if a.type == "model")
+
+
+def _read(run_dir: Path) -> tuple[list, dict]:
+    """The artifacts and the summary of a finished offline run."""
+    (run_file,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    for _ in range(300):  # wandb's writer process may still be flushing after finish() returns
+        if any(r.WhichOneof("record_type") == "exit" for r in records(run_file)):
+            break
+        time.sleep(0.1)
+    artifacts, summary = [], {}
+    for record in records(run_file):
+        if record.WhichOneof("record_type") == "artifact":
+            artifacts.append(record.artifact)
+        elif record.WhichOneof("record_type") == "summary":
+            _items(record.summary.update, summary)
+    return artifacts, summary
+
+
+def test_best_and_latest_artifacts_say_which_epoch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """val/map improves at the first validation (epoch 1) only; training goes on to epoch 3."""
+    for var in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_ARTIFACT_DIR", "WANDB_CONFIG_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / var.lower()))
+    logger = WandbLogger(save_dir=str(tmp_path / "runs"), log_model=True)  # offline: WANDB_MODE (conftest)
+    fit = trainer(tmp_path, default_checkpoints(), logger=logger, max_epochs=4, check_val_every_n_epoch=2)
+    fit.fit(Scripted(maps=[0.5, 0.2]))
+    logger.experiment.finish()
+    wandb.teardown()  # stop this process's wandb service: later subprocesses must not inherit it (WANDB_SERVICE)
+    artifacts, summary = _read(tmp_path / "runs")
+    models = _models(artifacts)
+    assert [(aliases, m["epoch"], m["step"], m["original_filename"]) for aliases, m in models] == [
+        (["best", "latest"], 1, 2 * STEPS_PER_EPOCH, "epoch001-map0.5000.ckpt"),
+        (["latest"], 3, 4 * STEPS_PER_EPOCH, "last.ckpt"),
+    ]
+    assert models[0][1]["score"] == pytest.approx(0.5)
+    assert {k: v for k, v in summary.items() if k.startswith("model/")} == {
+        "model/best/epoch": 1, "model/best/step": 8, "model/latest/epoch": 3, "model/latest/step": 16,
+    }  # fmt: skip
+
+
+def test_a_given_run_id_is_resumed(tmp_path: Path) -> None:
+    """The CLI passes every unset wandb.init argument as None; resume=None would start a new run under the id."""
+    logger = WandbLogger(save_dir=str(tmp_path), id="abc123", resume=None)
+    assert (logger.version, logger._wandb_init["id"], logger._wandb_init["resume"]) == ("abc123", "abc123", "allow")
 
 
 @pytest.mark.parametrize("logger", ["none", "csv"])

@@ -17,7 +17,17 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from detector.data.checks import CheckReport, Header, Verify, check_boxes, load_rgb, parallel_map, probe_image
+from detector.data.checks import (
+    CheckReport,
+    DataError,
+    Header,
+    Problem,
+    Verify,
+    check_boxes,
+    load_rgb,
+    parallel_map,
+    probe_image,
+)
 
 
 @dataclass
@@ -57,7 +67,8 @@ class DetectionSource(Dataset):
     corrupt beyond what ``verify`` saw) is replaced by the next index that decodes, cyclically
     (``i+1, i+2, ...``), so a given failure always maps to the same substitute. It is warned
     about once, counted as ``load_failed`` in this process's ``report`` and remembered, so later
-    epochs substitute without retrying. Only if no image decodes does it raise.
+    epochs substitute without retrying. Only if no image decodes does it raise. Under ``strict``
+    the first failure raises ``DataError`` instead, as every other problem does.
     """
 
     def __init__(self, name: str, *, strict: bool, verify: Verify, max_examples: int, workers: int | None):
@@ -81,11 +92,11 @@ class DetectionSource(Dataset):
         _mark_duplicates(raw, self.report)
         todo = [r for r in raw if r.problem is None]
         probed = parallel_map(lambda r: probe_image(r.path, self.verify), todo, self.workers)
-        headers: dict[int, Header | str] = dict(zip(map(id, todo), probed))
+        headers: dict[int, Header | Problem] = dict(zip(map(id, todo), probed))
         for r in raw:
-            header = r.problem if r.problem is not None else headers[id(r)]
-            if isinstance(header, str):
-                self.report.add(header, r.name)
+            header = Problem(r.problem) if r.problem is not None else headers[id(r)]
+            if isinstance(header, Problem):
+                self.report.add(header.kind, f"{r.name} ({header.detail})" if header.detail else r.name)
                 continue
             annotated = tuple(r.size) if r.size and all(r.size) else None  # (h, w) or not stated
             if annotated in (None, (header.height, header.width)):
@@ -97,6 +108,7 @@ class DetectionSource(Dataset):
                     "size_mismatch", f"{r.name} (annotated {annotated}, file {header.height, header.width})"
                 )
         self.report.images_kept = len(self.paths)
+        self.report.boxes_kept = sum(len(b) for b in self.boxes)
         self.report.finish(self.strict)
 
     def _keep(self, r: RawImage, header: Header, upright: bool) -> None:
@@ -153,6 +165,8 @@ class DetectionSource(Dataset):
             except OSError as e:
                 self._unreadable.add(j)
                 self.report.add("load_failed", self.paths[j])
+                if self.strict:
+                    raise DataError(f"bad input (strict=True): {self.report.name}: {e} (load_failed)") from None
                 warnings.warn(  # stacklevel 1: the failing item is the news, not the DataLoader frame that asked
                     f"{self.report.name}: {e}; using the next readable item instead (counted as load_failed)",
                     stacklevel=1,
@@ -164,11 +178,12 @@ class DetectionSource(Dataset):
                 "labels": self.labels[j].copy(),
                 "image_id": self.image_ids[j],
             }
-        raise RuntimeError(f"{self.report.name}: none of its {n} images could be decoded")
+        raise DataError(f"{self.report.name}: none of its {n} images could be decoded")
 
 
 def _mark_duplicates(raw: list[RawImage], report: CheckReport) -> None:
-    """Later entries with an already seen image id are skipped; repeated files are counted and kept."""
+    """Later entries with an already seen image id are skipped (each entry carries its own boxes; COCO,
+    whose annotations name only the id, resolves repeated ids itself); repeated files are counted and kept."""
     ids: set[int] = set()
     files: set[str] = set()
     for r in raw:
@@ -203,7 +218,7 @@ def index_ids(
     """
     names = [str(n) for n in (forced_names if forced_names is not None else class_names)]
     if category_ids is not None and [int(c) for c in category_ids] != list(range(len(names))):
-        raise ValueError(
+        raise DataError(
             f"{source}: category_ids must be 0..{len(names) - 1} (the index in the class list) for this format, "
             f"got {list(category_ids)}"
         )

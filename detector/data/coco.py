@@ -6,12 +6,14 @@ dataset id back, ``class_names[label]`` its name). ``bbox`` is ``[x, y, w, h]`` 
 (pixel-edge convention) and becomes ``[x, y, x + w, y + h]``. Crowd annotations are left out
 (counted as ``crowd``); the other checks are those of ``detector.data.checks``: an annotation
 whose ``category_id`` is not a category counts as ``class_out_of_range``, one whose
-``image_id`` is not an image or whose ``bbox`` is not 4 numbers as ``bad_annotation``.
+``image_id`` is not an image or whose ``bbox`` is not 4 numbers as ``bad_annotation``. An image
+id listed twice is resolved by ``resolve_ids``: annotations are never attached to another image.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from detector.data.base import DetectionSource, RawImage
-from detector.data.checks import Verify
+from detector.data.checks import DataError, DataNotFoundError, Verify
 
 COCO_KEYS = ("images", "annotations", "categories")
 
@@ -28,14 +30,14 @@ def load_coco_json(path: str | Path) -> dict[str, Any]:
     """Read a COCO annotation file, with one-line errors that say what to fix."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"annotation file not found: {path} (check the annotations path or the data root)")
+        raise DataNotFoundError(f"annotation file not found: {path} (check the annotations path or the data root)")
     try:
         coco = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"annotation file is not valid JSON: {path} ({e})") from None
+        raise DataError(f"annotation file is not valid JSON: {path} ({e})") from None
     missing = [k for k in COCO_KEYS if not isinstance(coco, dict) or k not in coco]
     if missing:
-        raise ValueError(f"annotation file is not COCO format: {path} lacks keys {missing} (need {list(COCO_KEYS)})")
+        raise DataError(f"annotation file is not COCO format: {path} lacks keys {missing} (need {list(COCO_KEYS)})")
     return coco
 
 
@@ -74,7 +76,7 @@ class CocoDetection(DetectionSource):
         )
         coco = load_coco_json(self.annotations)
         if not self.images_dir.is_dir():
-            raise FileNotFoundError(
+            raise DataNotFoundError(
                 f"image folder not found: {self.images_dir} (check the images path or the data root)"
             )
         self._set_classes(coco["categories"], category_ids, class_names)
@@ -88,7 +90,7 @@ class CocoDetection(DetectionSource):
         if category_ids is None:
             category_ids = sorted(names)
         elif set(names) - set(category_ids):
-            raise ValueError(
+            raise DataError(
                 f"{self.annotations} has category ids {sorted(set(names) - set(category_ids))} "
                 f"that the training categories {list(category_ids)} lack"
             )
@@ -96,23 +98,28 @@ class CocoDetection(DetectionSource):
         self.class_names = [names.get(c, str(c)) for c in self.category_ids]
         if class_names is not None:
             if len(class_names) != len(self.category_ids):
-                raise ValueError(f"class_names has {len(class_names)} names for {len(self.category_ids)} category_ids")
+                raise DataError(f"class_names has {len(class_names)} names for {len(self.category_ids)} category_ids")
             self.class_names = [str(n) for n in class_names]
 
     def _parse(self, coco: dict[str, Any]) -> list[RawImage]:
         raw = [self._image(im) for im in coco["images"]]
-        row: dict[int, int] = {}
-        for i, r in enumerate(raw):
-            row.setdefault(r.image_id, i)  # a repeated id gets its annotations on the first entry
+        owner, ambiguous = resolve_ids(raw)
+        skipped = {r.image_id for r in raw if r.problem is not None}  # their annotations go with them
         per_image: list[list[tuple]] = [[] for _ in raw]
         label_of = {c: i for i, c in enumerate(self.category_ids)}
         where = self.annotations.name
         for ann in coco["annotations"]:
+            image_id, bbox = ann.get("image_id"), ann.get("bbox")
+            if image_id in ambiguous:
+                files = f"image_id {image_id} is listed for {ambiguous[image_id]} files"
+                self.report.add("ambiguous_annotation", f"{where} annotation {ann.get('id')} ({files})")
+                continue
             if ann.get("iscrowd", 0):
                 self.report.add("crowd", f"{where} annotation {ann.get('id')}")
                 continue
-            bbox = ann.get("bbox")
-            if ann.get("image_id") not in row or not isinstance(bbox, list) or len(bbox) != 4:
+            if image_id not in owner and image_id in skipped:
+                continue
+            if image_id not in owner or not isinstance(bbox, list) or len(bbox) != 4:
                 self.report.add("bad_annotation", f"{where} annotation {ann.get('id')} (image_id/bbox)")
                 continue
             try:
@@ -120,7 +127,7 @@ class CocoDetection(DetectionSource):
             except (TypeError, ValueError):
                 self.report.add("bad_annotation", f"{where} annotation {ann.get('id')} (bbox {bbox})")
                 continue
-            per_image[row[ann["image_id"]]].append((x, y, x + w, y + h, label_of.get(ann.get("category_id"), -1)))
+            per_image[owner[image_id]].append((x, y, x + w, y + h, label_of.get(ann.get("category_id"), -1)))
         for r, anns in zip(raw, per_image):
             r.boxes = np.array([a[:4] for a in anns], np.float64).reshape(-1, 4)
             r.labels = np.array([a[4] for a in anns], np.int64)
@@ -139,3 +146,24 @@ class CocoDetection(DetectionSource):
         return RawImage(
             self.images_dir / name, image_id, *empty, name=name or f"image {image_id}", size=size, problem=problem
         )
+
+
+def resolve_ids(raw: list[RawImage]) -> tuple[dict[int, int], dict[int, int]]:
+    """Which image entry owns the annotations of each image id, as COCO annotations name only the id.
+
+    An id listed again for the same file: the first entry owns the annotations, the repeats are
+    skipped (``duplicate_image_id``). An id listed for different files: no entry can own them
+    (whose boxes are they?), so every entry of the id is skipped (``duplicate_image_id``) and the
+    id is returned in ``ambiguous`` (id -> number of files), never attached to a kept image.
+    Entries that already have a problem take no part. Returns ``(owner: id -> index into raw, ambiguous)``.
+    """
+    files: dict[int, dict[str, int]] = {}
+    for i, r in enumerate(raw):
+        if r.problem is None:
+            files.setdefault(r.image_id, {}).setdefault(os.path.normcase(os.path.abspath(r.path)), i)
+    owner = {k: next(iter(v.values())) for k, v in files.items() if len(v) == 1}
+    ambiguous = {k: len(v) for k, v in files.items() if len(v) > 1}
+    for i, r in enumerate(raw):
+        if r.problem is None and owner.get(r.image_id) != i:
+            r.problem = "duplicate_image_id"
+    return owner, ambiguous

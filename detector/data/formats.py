@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from detector.data.base import DetectionSource
-from detector.data.checks import Verify
+from detector.data.checks import DataError, DataNotFoundError, Verify
 from detector.data.coco import CocoDetection
 from detector.data.voc import VocDetection
 from detector.data.yolo import YoloDetection
@@ -76,19 +76,19 @@ def open_dataset(
     common: dict[str, Any] = {"strict": strict, "verify": verify, "max_examples": max_examples, "workers": workers}
     if format == "coco":
         if category_ids is None and class_names is not None:
-            raise ValueError("coco: pass category_ids (the training split's) together with class_names")
+            raise DataError("coco: pass category_ids (the training split's) together with class_names")
         image_dir = root / (images if images is not None else split)
         return CocoDetection(
             image_dir, _coco_annotations(root, split, annotations), category_ids, class_names, **common
         )
     if format == "yolo":
         if images is not None or annotations is not None:
-            raise ValueError("yolo: images/annotations are not used; the dataset YAML names each split's images")
+            raise DataError("yolo: images/annotations are not used; the dataset YAML names each split's images")
         return YoloDetection(_yolo_yaml(root), split, class_names, category_ids, **common)
     if format == "voc":
         folders: dict[str, Any] = {"images": images or "JPEGImages", "annotations": annotations or "Annotations"}
         return VocDetection(root, split, class_names, category_ids, keep_difficult=keep_difficult, **folders, **common)
-    raise ValueError(f"unknown dataset format {format!r}; choose one of {list(FORMATS)}")
+    raise DataError(f"unknown dataset format {format!r}; choose one of {list(FORMATS)}")
 
 
 def _coco_annotations(root: Path, split: str, annotations: str | Path | None) -> Path:
@@ -103,7 +103,7 @@ def _yolo_yaml(root: Path) -> Path:
         return root
     found = sorted(root.glob("*.yaml")) + sorted(root.glob("*.yml"))
     if len(found) != 1:
-        raise FileNotFoundError(
+        raise DataNotFoundError(
             f"yolo: {root} holds {len(found)} dataset YAMLs ({[p.name for p in found]}); set root to the YAML file itself"
         )
     return found[0]

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from detector.data.base import DetectionSource, RawImage, index_ids, stem_ids
-from detector.data.checks import Verify, parallel_map
+from detector.data.checks import DataNotFoundError, Verify, parallel_map
 
 
 @dataclass
@@ -102,10 +102,10 @@ class VocDetection(DetectionSource):
         ids_file = self.root / "ImageSets" / "Main" / f"{split}.txt"
         super().__init__(str(ids_file), strict=strict, verify=verify, max_examples=max_examples, workers=workers)
         if not ids_file.is_file():
-            raise FileNotFoundError(f"VOC split list not found: {ids_file} (check data root and split name)")
+            raise DataNotFoundError(f"VOC split list not found: {ids_file} (check data root and split name)")
         self.images_dir, self.annotations_dir = self.root / images, self.root / annotations
         if not self.annotations_dir.is_dir():
-            raise FileNotFoundError(f"VOC annotation folder not found: {self.annotations_dir}")
+            raise DataNotFoundError(f"VOC annotation folder not found: {self.annotations_dir}")
         ids = [line.split()[0] for line in ids_file.read_text().splitlines() if line.strip()]
         records = parallel_map(lambda i: parse_voc_xml(self.annotations_dir / f"{i}.xml"), ids, workers)
         found = sorted({name for rec in records for name, _, _ in rec.objects})

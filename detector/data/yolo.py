@@ -12,8 +12,11 @@ The label file of ``.../images/.../x.jpg`` is ``.../labels/.../x.txt`` (the last
 replaced by ``/labels/``, the extension by ``.txt``). Each line is ``class cx cy w h``, all but
 the class normalised to [0, 1] by the image width/height; a line ``class x1 y1 x2 y2 ...``
 (a segment, >= 3 points) becomes its bounding box. An image without a label file, or with an
-empty one, has no boxes. ``category_ids[label] = label``. Image ids are the file stems when
-they are distinct integers, else positions in the split's sorted list (``base.stem_ids``).
+empty one, has no boxes. A label file in the label folder of a split's image folder that no
+image of the split claims (its image is gone, or has a suffix outside ``IMAGE_SUFFIXES``) is
+counted as ``orphan_label`` (``classes.txt``, the class list some tools write there, excepted).
+``category_ids[label] = label``. Image ids are the file stems when they are distinct integers,
+else positions in the split's sorted list (``base.stem_ids``).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import numpy as np
 import yaml
 
 from detector.data.base import DetectionSource, RawImage, index_ids, stem_ids
-from detector.data.checks import Verify, parallel_map
+from detector.data.checks import DataError, DataNotFoundError, Verify, parallel_map
 
 IMAGE_SUFFIXES = frozenset({".bmp", ".jpeg", ".jpg", ".mpo", ".png", ".tif", ".tiff", ".webp"})
 
@@ -36,22 +39,22 @@ def load_yolo_yaml(path: str | Path) -> dict[str, Any]:
     """Read a dataset YAML; ``names`` becomes a list and ``path`` an absolute root folder."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"YOLO dataset YAML not found: {path} (pass the file with train/val/names)")
+        raise DataNotFoundError(f"YOLO dataset YAML not found: {path} (pass the file with train/val/names)")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise ValueError(f"YOLO dataset YAML does not parse: {path} ({e})") from None
+        raise DataError(f"YOLO dataset YAML does not parse: {path} ({e})") from None
     if not isinstance(data, dict) or "names" not in data:
-        raise ValueError(f"YOLO dataset YAML {path} lacks 'names' (a list, or a dict {{id: name}})")
+        raise DataError(f"YOLO dataset YAML {path} lacks 'names' (a list, or a dict {{id: name}})")
     names = data["names"]
     if isinstance(names, dict):
         if sorted(int(k) for k in names) != list(range(len(names))):
-            raise ValueError(f"{path}: names keys must be 0..{len(names) - 1}, got {sorted(names)}")
+            raise DataError(f"{path}: names keys must be 0..{len(names) - 1}, got {sorted(names)}")
         names = [names[k] for k in sorted(names, key=int)]
     if not isinstance(names, list) or not names:
-        raise ValueError(f"{path}: names must be a non-empty list or dict, got {data['names']!r}")
+        raise DataError(f"{path}: names must be a non-empty list or dict, got {data['names']!r}")
     if "nc" in data and int(data["nc"]) != len(names):
-        raise ValueError(f"{path}: nc={data['nc']} but names has {len(names)} entries")
+        raise DataError(f"{path}: nc={data['nc']} but names has {len(names)} entries")
     root = Path(data.get("path") or ".")
     return {**data, "names": [str(n) for n in names], "path": root if root.is_absolute() else path.parent / root}
 
@@ -73,8 +76,25 @@ def split_images(root: Path, spec: str | list[str], source: str) -> list[Path]:
             lines = (ln.strip() for ln in p.read_text().splitlines())
             out += [p.parent / ln for ln in lines if ln]
         else:
-            raise FileNotFoundError(f"{source}: split entry {item!r} is neither a folder nor a .txt list under {root}")
+            raise DataNotFoundError(f"{source}: split entry {item!r} is neither a folder nor a .txt list under {root}")
     return out
+
+
+def orphan_labels(root: Path, spec: str | list[str], images: list[Path]) -> list[Path]:
+    """Label files that no image of the split claims, in the label folders of the split's image folders.
+
+    Only folders of the ``images/ -> labels/`` layout are searched (``.txt`` lists may share label
+    folders with other splits; labels stored beside their images may sit among other text files).
+    """
+    claimed = {label_path(p) for p in images}
+    orphans: list[Path] = []
+    for item in [spec] if isinstance(spec, str) else list(spec):
+        folder = root / str(item)
+        labels = label_path(folder / "x").parent
+        if folder.is_dir() and labels != folder and labels.is_dir():
+            found = labels.rglob("*.txt")
+            orphans += sorted(f for f in found if f not in claimed and f.name != "classes.txt" and f.is_file())
+    return orphans
 
 
 def parse_label_file(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -139,16 +159,18 @@ class YoloDetection(DetectionSource):
         )
         cfg = load_yolo_yaml(self.data)
         if class_names is not None and list(class_names) != cfg["names"]:
-            raise ValueError(f"{self.data}: names {cfg['names']} differ from the training split's {list(class_names)}")
+            raise DataError(f"{self.data}: names {cfg['names']} differ from the training split's {list(class_names)}")
         self.class_names, self.category_ids = index_ids(cfg["names"], class_names, category_ids, str(self.data))
         if not cfg.get(split):
-            raise ValueError(
+            raise DataError(
                 f"{self.data} has no split {split!r} (keys: {[k for k in cfg if k not in ('path', 'names', 'nc')]})"
             )
         images = split_images(cfg["path"], cfg[split], str(self.data))
         self.root = Path(cfg["path"])
         annotations = parallel_map(lambda p: parse_label_file(label_path(p)), images, workers)
         ids = stem_ids([p.stem for p in images])
+        for orphan in orphan_labels(self.root, cfg[split], images):
+            self.report.add("orphan_label", _short(orphan, self.root))
         raw = []
         for p, i, (boxes, labels, bad) in zip(images, ids, annotations):
             for where in bad:

@@ -58,8 +58,11 @@ class TinyDarknet(nn.Module):
         self.to32 = nn.Sequential(
             nn.MaxPool2d(2, 2),
             ConvBNAct(256, 512, 3),
-            nn.ZeroPad2d((0, 1, 0, 1)),
-            nn.MaxPool2d(2, 1),  # darknet's size-2 stride-1 pool keeps the resolution
+            # darknet's size-2 stride-1 pool keeps the resolution and ignores the cells past the
+            # right/bottom edge: padding with -inf (never the max) rather than 0 (the max of a
+            # negative leaky output) gives darknet's edge values
+            nn.ConstantPad2d((0, 1, 0, 1), float("-inf")),
+            nn.MaxPool2d(2, 1),
             ConvBNAct(512, 1024, 3),
         )
         self.out_channels = [256, 1024]

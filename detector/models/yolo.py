@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .darknet import Darknet53, TinyDarknet
+from .darknet_weights import is_darknet_file, load_darknet
 from .layers import ConvBNAct
 
 # The nine COCO anchors of yolov3.cfg (pixels at 416), three per scale, stride 8 / 16 / 32.
@@ -65,7 +66,9 @@ class YOLOv3(nn.Module):
         num_classes: C, the number of object classes.
         preset: a key of ``PRESETS`` ("yolov3", "yolov3-tiny", "nano").
         anchors: anchors per scale in pixels, shallow to deep; the preset's when None.
-        weights: optional path of a local state dict (or Lightning checkpoint) to load; never downloaded.
+        weights: optional path of a local file to load, never downloaded: a state dict or Lightning
+            checkpoint, or darknet weights (``yolov3.weights``, ``darknet53.conv.74``; see
+            :func:`detector.models.darknet_weights.load_darknet`), told apart by their content.
     """
 
     anchors: Tensor  # [S, A, 2] pixels, a registered buffer (declared so type checkers see a Tensor)
@@ -88,7 +91,7 @@ class YOLOv3(nn.Module):
             raise ValueError(
                 f"preset {preset!r} needs {len(spec.mids)} scales with the same number of anchors each, got {anchors}"
             )
-        self.num_classes = num_classes
+        self.preset, self.num_classes = preset, num_classes
         self.num_anchors = len(anchors[0])
         self.strides = [8, 16, 32][-len(spec.mids) :]
         self.register_buffer("anchors", torch.tensor(anchors, dtype=torch.float32))  # [S, A, 2] pixels
@@ -116,12 +119,16 @@ class YOLOv3(nn.Module):
                 bias[:, 5:] = math.log(0.6 / max(self.num_classes - 0.99, 1e-3))
 
     def load_weights(self, path: str) -> None:
-        """Load a local state dict or Lightning checkpoint (``state_dict`` keys prefixed ``model.``).
+        """Load a local state dict or Lightning checkpoint (``state_dict`` keys prefixed ``model.``),
+        or darknet weights (any file that is neither a zip archive nor a pickle).
 
         Tensors whose shapes differ (e.g. heads for another number of classes) are skipped and listed.
         """
         if not Path(path).is_file():
             raise FileNotFoundError(f"pretrained weights file {path!r} does not exist")
+        if is_darknet_file(path):
+            print(load_darknet(self, path))
+            return
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = state.get("state_dict", state)
         state = {k.removeprefix("model."): v for k, v in state.items()}
