@@ -150,7 +150,7 @@ def test_ablation_command_runs_and_logs_to_wandb(fork: Path, monkeypatch: pytest
     """The README's ``python -m detector.ablate`` line, run in the fork with two of its seeds and
     ``--jobs 2`` (tiny data, 1 epoch, W&B offline). Each fit is a ``python -m detector.ablate --task``
     process started in the fork, so it imports the fork's package, ``detector/losses/poly.py`` included."""
-    from detector import ablate, ablate_report
+    from detector import ablate
 
     cmd = next(c for c in commands(section(), "python -m detector.ablate") if RECIPE in c)
     group = cmd[cmd.index("--group") + 1]
@@ -160,7 +160,6 @@ def test_ablation_command_runs_and_logs_to_wandb(fork: Path, monkeypatch: pytest
     assert n_seeds >= 3, f"the README's ablation should use at least 3 seeds: {shlex.join(cmd)}"
     args[at : at + n_seeds] = ["0", "1"]
     monkeypatch.chdir(fork)
-    monkeypatch.setattr(ablate_report, "wandb_can_go_online", lambda: False)  # its summary run reads no WANDB_MODE
     extra = [*([] if "--" in args else ["--"]), *TINY, "--trainer.num_sanity_val_steps", "0"]
     status = ablate.main([*args, "--jobs", "2", *extra])
     table = (fork / "runs" / "ablation" / "ablation.md").read_text()
