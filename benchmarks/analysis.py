@@ -17,7 +17,6 @@ disturbs less than the difference of two whole epochs.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -29,7 +28,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the detector package, installed or not
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval import load_batches, make_busy  # noqa: E402
+from eval import eval_arguments, make_busy, prepare  # noqa: E402
 
 from detector.callbacks import DetectionAnalysis  # noqa: E402
 from detector.callbacks.analysis import STATES, gather  # noqa: E402
@@ -75,18 +74,8 @@ def breakdown(module: DetectorModule, batches: list, root: str) -> dict[str, flo
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--root", default="data/shapes", help="embedded shapes dataset folder (generated if missing)")
-    parser.add_argument("--images", type=int, default=200)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--size", type=int, default=320)
-    parser.add_argument("--repeat", type=int, default=3, help="timed runs of each side (the fastest counts)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    args = parser.parse_args()
-    torch.manual_seed(0)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    batches, names = load_batches(args.root, args.size, args.images, args.batch)
+    args = eval_arguments(__doc__.split("\n")[0], images=200).parse_args()
+    batches, names = prepare(args)
     n = sum(len(b[0]) for b in batches)
     print(f"nano @ {args.size}, {n} validation images in batches of {args.batch}, {torch.get_num_threads()} threads")
     with tempfile.TemporaryDirectory() as root:

@@ -116,20 +116,31 @@ def breakdown(module: DetectorModule, batches: list) -> dict[str, float]:
     return parts
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def eval_arguments(description: str, images: int) -> argparse.ArgumentParser:
+    """The options both evaluation benchmarks take (this one and ``analysis.py``)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--root", default="data/shapes", help="embedded shapes dataset folder (generated if missing)")
-    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--images", type=int, default=images)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=320)
     parser.add_argument("--repeat", type=int, default=3, help="timed runs of each side (the fastest counts)")
-    parser.add_argument("--ckpt", default=None, help="a trained checkpoint to time as well")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    args = parser.parse_args()
+    return parser
+
+
+def prepare(args: argparse.Namespace) -> tuple[list, list[str]]:
+    """Seed, set the threads, and load ``args.images`` validation images in batches."""
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
-    batches, names = load_batches(args.root, args.size, args.images, args.batch)
+    return load_batches(args.root, args.size, args.images, args.batch)
+
+
+def main() -> None:
+    parser = eval_arguments(__doc__.split("\n")[0], images=64)
+    parser.add_argument("--ckpt", default=None, help="a trained checkpoint to time as well")
+    args = parser.parse_args()
+    batches, names = prepare(args)
     n = sum(len(b[0]) for b in batches)
     print(f"nano @ {args.size}, {n} images in batches of {args.batch}, {torch.get_num_threads()} threads")
     states = ["prior", "busy"] + (["ckpt"] if args.ckpt else [])
