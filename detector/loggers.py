@@ -128,7 +128,10 @@ class WandbLogger(_LightningWandbLogger):
         # the CLI passes every wandb.init argument, unset ones as None; resume=None would make wandb
         # start a new run under a given id instead of continuing it (Lightning's own default is "allow")
         kwargs["resume"] = kwargs.get("resume") or "allow"
-        offline = resolved == "offline"  # "disabled": wandb.init reads WANDB_MODE itself
+        # the mode goes to wandb.init itself: Lightning's `offline` only sets WANDB_MODE, which wandb
+        # ignores once its settings singleton exists (wandb_mode's credential lookup creates it)
+        kwargs["mode"] = resolved
+        offline = resolved == "offline"
         super().__init__(
             name=name, save_dir=save_dir, offline=offline, project=project, group=group, tags=tags, **kwargs
         )
