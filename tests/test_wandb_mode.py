@@ -117,3 +117,28 @@ def test_the_environment_and_explicit_modes_win(env: Path, probes: list, server:
     with pytest.raises(ValueError, match="W&B mode must be"):
         monkeypatch.delenv("WANDB_MODE")
         wandb_mode("sometimes")
+
+
+def test_auto_mode_without_credentials_starts_an_offline_run(env: Path) -> None:
+    """The main job on a fresh machine: no WANDB_MODE, no key, "auto" -> an offline run, not wandb's
+    "No API key configured" (wandb ignores WANDB_MODE set after its settings singleton exists, which
+    the credential lookup creates; the mode must reach ``wandb.init``). A fresh interpreter, so
+    wandb's process-wide state is as on a first run."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from detector.loggers import WandbLogger\n"
+        f"run = WandbLogger(save_dir={str(env / 'runs')!r}, mode='auto').experiment\n"
+        "print('OFFLINE', run.settings._offline, run.dir)\n"
+        "run.finish()\n"
+    )
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    clean |= {"WANDB_CONFIG_DIR": str(env / "wandb_config"), "NETRC": str(env / "netrc"), "HOME": str(env)}
+    clean["WANDB_BASE_URL"] = FAKE  # nothing answers there: "auto" must choose offline
+    done = subprocess.run([sys.executable, "-c", code], env=clean, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    line = next(x for x in done.stdout.splitlines() if x.startswith("OFFLINE"))
+    assert line.split()[1] == "True"
+    assert str(env / "runs") in line
