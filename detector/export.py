@@ -26,7 +26,7 @@ from torchvision.ops import batched_nms
 
 from .models import YOLOv3
 from .module import DetectorModule
-from .ops.boxes import anchor_grid, decode, flatten_outputs
+from .ops.boxes import anchor_grid, decode, detection_scores, flatten_outputs
 
 
 class DecodedYOLO(nn.Module):
@@ -57,7 +57,7 @@ class DecodedYOLO(nn.Module):
         """``images [B, 3, S, S]`` -> ``boxes [B, N, 4]`` xyxy input pixels, ``scores [B, N, C]`` (obj x class)."""
         raw = flatten_outputs(self.model(images)).float()  # (B, N, 5 + C)
         boxes = decode(raw, self.cells, self.anchor_wh, self.steps)  # (B, N, 4)
-        scores = raw[..., 4:5].sigmoid() * raw[..., 5:].sigmoid()  # (B, N, C)
+        scores = detection_scores(raw)  # (B, N, C)
         return boxes, scores
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor] | Tensor:

@@ -102,3 +102,11 @@ def unletterbox(boxes: Tensor, letterbox: Tensor, orig_size: Tensor) -> Tensor:
     h, w = orig_size[0], orig_size[1]
     limits = torch.stack((w, h, w, h)).to(out)
     return torch.minimum(out.clamp(min=0), limits)
+
+
+def detection_scores(raw: Tensor) -> Tensor:
+    """YOLOv3's detection score per (anchor, class): ``σ(obj) · σ(cls)``.
+
+    ``raw [..., 5 + C]`` logits (tx, ty, tw, th, obj, classes) -> ``[..., C]`` in [0, 1].
+    """
+    return raw[..., 4:5].sigmoid() * raw[..., 5:].sigmoid()

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import batched_nms
 
-from .boxes import anchor_grid, decode, flatten_outputs
+from .boxes import anchor_grid, decode, detection_scores, flatten_outputs
 
 
 def postprocess(
@@ -40,7 +40,7 @@ def postprocess(
     b_n, n_cls = raw.shape[0], raw.shape[2] - 5
     cells, anchor_wh, steps = anchor_grid([(o.shape[2], o.shape[3]) for o in outputs], anchors, strides)
     boxes = decode(raw, cells, anchor_wh, steps)  # (B, N, 4)
-    scores = (raw[..., 4:5].sigmoid() * raw[..., 5:].sigmoid()).view(b_n, -1)  # (B, N·C)
+    scores = detection_scores(raw).view(b_n, -1)  # (B, N·C)
     top, idx = scores.topk(min(max_candidates, scores.shape[1]), dim=1)  # (B, K)
     keep = top > conf_thresh
     img = torch.arange(b_n, device=raw.device)[:, None].expand_as(idx)[keep]
