@@ -13,8 +13,10 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+from pathlib import Path
 from typing import Any
 
+import torch
 from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -23,6 +25,7 @@ from .cli_errors import check_ckpt_path, summarize_init_error, summarize_parse_e
 from .data import DetectionDataModule
 from .data.checks import DataError, data_error_message
 from .module import DetectorModule
+from .optim import upgrade_hparams
 from .runs import ResumeError, RunConfigSaver, prepare_run
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -54,6 +57,27 @@ class DetectorCLI(LightningCLI):
             except Exception:  # a summary that failed must not hide the error: jsonargparse's first line
                 line = str(err).strip().splitlines()[0]
             _user_error(line, err)
+
+    def _parse_ckpt_path(self) -> None:
+        """As LightningCLI 2.6 does (its ``_parse_ckpt_path``): with a checkpoint file as ``ckpt_path``, the
+        checkpoint's hyper-parameters (injected backbone and optimizer included) override the model's
+        config. Hyper-parameters of checkpoints written before the optimizer was injected are upgraded
+        first (``detector.optim.upgrade_hparams``); a mismatch is one line, as other config mistakes."""
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not path or not Path(path).is_file():
+            return
+        hparams = upgrade_hparams(torch.load(path, weights_only=True, map_location="cpu").get("hyper_parameters", {}))
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        try:
+            self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+        except ArgumentError as err:
+            line = str(err).strip().splitlines()[0]
+            _user_error(f"ckpt_path: the hyper-parameters of {str(path)!r} do not fit this model: {line}", err)
 
     def _roots(self, subcommand: str) -> dict[str, Any]:
         """The classes behind the config's groups, and the subcommand's Trainer method (top-level keys)."""

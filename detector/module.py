@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import lightning as L
@@ -16,11 +15,12 @@ from torchmetrics.detection import MeanAveragePrecision
 from .anchors import best_possible_recall, dataset_wh
 from .losses.yolo_loss import YOLOLoss
 from .metrics import ShardedMeanAveragePrecision
-from .models import YOLOv3
+from .models import Backbone, YOLOv3
 from .ops.boxes import unletterbox
 from .ops.dist import local_only
 from .ops.finite import Nonfinite, StepGuard, nonfinite_entries
 from .ops.postprocess import postprocess
+from .optim import DEFAULT_OPTIMIZER, OptimizerFactory, SchedulerFactory, param_groups, warmup_cosine
 
 Batch = tuple[Tensor, list[dict[str, Tensor]]]
 # Keys of MeanAveragePrecision's result logged as val/<key> (DESIGN.md names).
@@ -41,14 +41,22 @@ class DetectorModule(L.LightningModule):
 
     Args:
         class_names: class names, label order (linked from the datamodule by the CLI).
-        preset: model preset, see ``detector.models.PRESETS``.
+        preset: model preset, see ``detector.models.PRESETS``: the network, or with ``backbone`` its
+            neck widths and default anchors (``docs/models.md``).
+        backbone: a :class:`detector.models.Backbone` replacing the preset's own (in a config:
+            ``class_path`` and ``init_args``); None = the preset's.
         anchors: anchors per scale in pixels; the preset's when None.
         weights: optional local file of pretrained weights.
         loss: the YOLO loss with its pluggable parts; darknet's recipe when None.
-        optimizer: "sgd" (Nesterov momentum, darknet's and Ultralytics' choice) or "adamw"
-            (``momentum`` is then β1); no weight decay on norm weights and biases either way.
-        lr, momentum, weight_decay: optimizer settings.
-        warmup_epochs: linear warm-up of the learning rate, then cosine decay to ``lr·min_lr_ratio``.
+        optimizer: an optimizer class (``detector.optim.OptimizerFactory``; in a config ``class_path``
+            and ``init_args`` such as momentum or betas), called with two parameter groups (no weight
+            decay on norm weights and biases), ``lr`` and ``weight_decay``. None = SGD with Nesterov
+            momentum 0.937 (darknet's and Ultralytics' choice).
+        lr, weight_decay: the optimizer's learning rate (peak of the schedule) and weight decay.
+        lr_scheduler: a torch scheduler class called with the optimizer and stepped after every
+            optimizer step; None = the built-in schedule: linear warm-up over ``warmup_epochs``, then
+            cosine decay to ``lr·min_lr_ratio`` at the end of training (``detector.optim.warmup_cosine``).
+        warmup_epochs, min_lr_ratio: the built-in schedule's settings.
         conf_thresh, nms_iou, max_det: post-processing for evaluation (COCO: 0.001, 100 per image).
         nonfinite: what an optimizer step whose network outputs, loss or gradients hold a NaN/Inf
             does: "skip" (no update; BatchNorm/GHM-C buffers rolled back; counted in
@@ -72,13 +80,14 @@ class DetectorModule(L.LightningModule):
         self,
         class_names: list[str],
         preset: str = "nano",
+        backbone: Backbone | None = None,
         anchors: list[list[tuple[float, float]]] | None = None,
         weights: str | None = None,
         loss: YOLOLoss | None = None,
-        optimizer: Literal["sgd", "adamw"] = "sgd",
+        optimizer: OptimizerFactory | None = None,
         lr: float = 0.01,
-        momentum: float = 0.937,
         weight_decay: float = 5e-4,
+        lr_scheduler: SchedulerFactory | None = None,
         warmup_epochs: float = 1.0,
         min_lr_ratio: float = 0.05,
         conf_thresh: float = 0.001,
@@ -92,11 +101,23 @@ class DetectorModule(L.LightningModule):
         category_ids: list[int] | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["loss"])
+        # Injected parts are hyper-parameters when LightningCLI built them: it hands over their config
+        # (class_path, init_args; marked by "_instantiator"), which rebuilds them from a checkpoint. An
+        # object given in Python is not saved (checkpoints must load with torch.load(weights_only=True)).
+        injected = [
+            k
+            for k, v in {"backbone": backbone, "optimizer": optimizer, "lr_scheduler": lr_scheduler}.items()
+            if v is not None
+        ]
+        self.save_hyperparameters(ignore=["loss", *injected])
+        if injected and "_instantiator" in self.hparams:
+            self.save_hyperparameters(ignore=["loss"])
         self.class_names = list(class_names)
         if category_ids is not None and len(category_ids) != len(self.class_names):
             raise ValueError(f"category_ids has {len(category_ids)} ids for {len(self.class_names)} class_names")
-        self.model = YOLOv3(len(self.class_names), preset, anchors, weights)
+        self.model = YOLOv3(len(self.class_names), preset, anchors, weights, backbone)
+        self._make_optimizer = optimizer if optimizer is not None else DEFAULT_OPTIMIZER
+        self._make_scheduler = lr_scheduler
         self.criterion = loss if loss is not None else YOLOLoss()
         if nonfinite not in ("skip", "stop"):
             raise ValueError(f"nonfinite must be 'skip' or 'stop', got {nonfinite!r}")
@@ -294,24 +315,14 @@ class DetectorModule(L.LightningModule):
         ]
 
     def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
-        """SGD (Nesterov) or AdamW; weight decay on conv weights only; warm-up then cosine, per step."""
-        decay = [p for p in self.parameters() if p.ndim > 1]
-        no_decay = [p for p in self.parameters() if p.ndim <= 1]
+        """The injected optimizer over two parameter groups (no weight decay on norm weights and biases),
+        with the injected scheduler or the built-in warm-up + cosine, stepped after every optimizer step."""
         hp = self.hparams
-        groups = [{"params": decay, "weight_decay": hp["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
-        if hp["optimizer"] == "sgd":
-            opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=hp["lr"], momentum=hp["momentum"], nesterov=True)
+        opt = self._make_optimizer(param_groups(self, hp["weight_decay"]), lr=hp["lr"], weight_decay=hp["weight_decay"])
+        if self._make_scheduler is not None:
+            sched = self._make_scheduler(opt)
         else:
-            opt = torch.optim.AdamW(groups, lr=hp["lr"], betas=(hp["momentum"], 0.999))
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
-        warmup = max(int(hp["warmup_epochs"] * total / epochs), 1) if hp["warmup_epochs"] > 0 else 0
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            t = min((step - warmup) / max(total - warmup, 1), 1.0)
-            return hp["min_lr_ratio"] + (1 - hp["min_lr_ratio"]) * 0.5 * (1 + math.cos(math.pi * t))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+            total = max(int(self.trainer.estimated_stepping_batches), 1)
+            epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
+            sched = warmup_cosine(opt, total, epochs, hp["warmup_epochs"], hp["min_lr_ratio"])
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from .backbone import Backbone
 from .layers import ConvBNAct, Residual
 
 
-class Darknet53(nn.Module):
+class Darknet53(Backbone):
     """Darknet-53: a stem conv, then five stride-2 stages of residual blocks.
 
     ``widths`` are the stem and stage output channels (Darknet-53: 32, 64, 128, 256, 512, 1024),
@@ -40,7 +41,7 @@ class Darknet53(nn.Module):
         return features[2:]
 
 
-class TinyDarknet(nn.Module):
+class TinyDarknet(Backbone):
     """YOLOv3-tiny trunk: 3x3 convs (16 .. 1024 channels) with 2x2 max-pools.
 
     ``forward`` returns ``[B, 256, H/16, W/16]`` and ``[B, 1024, H/32, W/32]`` (before the neck's 1x1).

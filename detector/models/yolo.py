@@ -8,13 +8,15 @@ deep (stride 32): ``[B, A, H/s, W/s, 5 + C]`` = (tx, ty, tw, th, objectness, cla
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from .backbone import Backbone
 from .darknet import Darknet53, TinyDarknet
 from .darknet_weights import is_darknet_file, load_darknet
 from .layers import ConvBNAct
@@ -22,31 +24,53 @@ from .layers import ConvBNAct
 # The nine COCO anchors of yolov3.cfg (pixels at 416), three per scale, stride 8 / 16 / 32.
 COCO_ANCHORS = [[(10, 13), (16, 30), (33, 23)], [(30, 61), (62, 45), (59, 119)], [(116, 90), (156, 198), (373, 326)]]
 TINY_ANCHORS = [[(10, 14), (23, 27), (37, 58)], [(81, 82), (135, 169), (344, 319)]]
+STRIDES = (8, 16, 32)  # of the backbone's feature maps, shallow to deep (a two-scale network uses the last two)
 
 
 @dataclass(frozen=True)
 class Preset:
-    """One named architecture.
+    """One named architecture: a backbone and the neck, heads and anchors sized for it.
 
-    widths/depths: Darknet-53 stage channels and residual blocks (None for the tiny trunk).
-    mids:          the neck's middle channels per scale, shallow to deep.
-    set_layers:    convs in each scale's alternating 1x1/3x3 "conv set" (5 in YOLOv3).
-    anchors:       default anchors per scale, pixels.
+    backbone:   builds the preset's own backbone (used when no ``backbone`` is given to :class:`YOLOv3`).
+    mids:       the neck's middle channels per scale, shallow to deep; their number is the number of scales.
+    set_layers: convs in each scale's alternating 1x1/3x3 "conv set" (5 in YOLOv3).
+    anchors:    default anchors per scale, pixels.
     """
 
-    widths: tuple[int, ...] | None
-    depths: tuple[int, ...] | None
+    backbone: Callable[[], Backbone]
     mids: tuple[int, ...]
     set_layers: tuple[int, ...]
     anchors: Sequence[Sequence[tuple[float, float]]]
 
 
 PRESETS: dict[str, Preset] = {
-    "yolov3": Preset((32, 64, 128, 256, 512, 1024), (1, 2, 8, 8, 4), (128, 256, 512), (5, 5, 5), COCO_ANCHORS),
-    "yolov3-tiny": Preset(None, None, (128, 256), (0, 1), TINY_ANCHORS),
+    "yolov3": Preset(
+        partial(Darknet53, (32, 64, 128, 256, 512, 1024), (1, 2, 8, 8, 4)), (128, 256, 512), (5, 5, 5), COCO_ANCHORS
+    ),
+    "yolov3-tiny": Preset(TinyDarknet, (128, 256), (0, 1), TINY_ANCHORS),
     # Darknet-53 at 1/4 width and ~1/4 depth: trains at 30+ images/s at 320 px on 2 CPU cores.
-    "nano": Preset((8, 16, 32, 64, 128, 256), (1, 1, 2, 2, 1), (32, 64, 128), (3, 3, 3), COCO_ANCHORS),
+    "nano": Preset(
+        partial(Darknet53, (8, 16, 32, 64, 128, 256), (1, 1, 2, 2, 1)), (32, 64, 128), (3, 3, 3), COCO_ANCHORS
+    ),
 }
+
+
+def _out_channels(backbone: nn.Module, preset: str) -> list[int]:
+    """The backbone's ``out_channels``, checked against the preset's number of scales."""
+    chans = getattr(backbone, "out_channels", None)
+    name = type(backbone).__name__
+    if not isinstance(chans, (list, tuple)) or not chans or not all(isinstance(c, int) and c > 0 for c in chans):
+        raise ValueError(
+            f"backbone {name} must set out_channels (its feature maps' channels, shallow to deep), got {chans!r}"
+        )
+    scales = len(PRESETS[preset].mids)
+    if len(chans) != scales:
+        fitting = sorted(k for k, p in PRESETS.items() if len(p.mids) == len(chans))
+        raise ValueError(
+            f"backbone {name} returns {len(chans)} feature maps (out_channels {list(chans)}), but preset {preset!r} "
+            f"has {scales} scales; choose a preset with {len(chans)}: {fitting}"
+        )
+    return list(chans)
 
 
 def conv_set(c_in: int, mid: int, layers: int) -> nn.Sequential:
@@ -60,7 +84,12 @@ def conv_set(c_in: int, mid: int, layers: int) -> nn.Sequential:
 
 
 class YOLOv3(nn.Module):
-    """YOLOv3 detector network.
+    """YOLOv3 detector network: a backbone, the upsample-and-concatenate neck, one head per scale.
+
+    As torchvision's ``RetinaNet(backbone, ...)``, the backbone may be given: any
+    :class:`~detector.models.Backbone` (``out_channels`` and feature maps at strides 8, 16, 32, or
+    16, 32). The preset then supplies the rest: neck widths, conv-set depths and default anchors;
+    its number of scales must equal the backbone's number of feature maps.
 
     Args:
         num_classes: C, the number of object classes.
@@ -69,6 +98,7 @@ class YOLOv3(nn.Module):
         weights: optional path of a local file to load, never downloaded: a state dict or Lightning
             checkpoint, or darknet weights (``yolov3.weights``, ``darknet53.conv.74``; see
             :func:`detector.models.darknet_weights.load_darknet`), told apart by their content.
+        backbone: the backbone; the preset's own (built here) when None.
     """
 
     anchors: Tensor  # [S, A, 2] pixels, a registered buffer (declared so type checkers see a Tensor)
@@ -79,6 +109,7 @@ class YOLOv3(nn.Module):
         preset: str = "nano",
         anchors: list[list[tuple[float, float]]] | None = None,
         weights: str | None = None,
+        backbone: Backbone | None = None,
     ) -> None:
         super().__init__()
         if preset not in PRESETS:
@@ -93,10 +124,10 @@ class YOLOv3(nn.Module):
             )
         self.preset, self.num_classes = preset, num_classes
         self.num_anchors = len(anchors[0])
-        self.strides = [8, 16, 32][-len(spec.mids) :]
+        self.strides = list(STRIDES[-len(spec.mids) :])
         self.register_buffer("anchors", torch.tensor(anchors, dtype=torch.float32))  # [S, A, 2] pixels
-        self.backbone: nn.Module = Darknet53(spec.widths, spec.depths) if spec.widths and spec.depths else TinyDarknet()
-        chans, mids = self.backbone.out_channels, spec.mids
+        self.backbone = backbone if backbone is not None else spec.backbone()
+        chans, mids = _out_channels(self.backbone, preset), spec.mids
         n_out = self.num_anchors * (5 + num_classes)
         self.sets, self.heads, self.routes = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
         for i in reversed(range(len(mids))):  # deep to shallow
@@ -146,6 +177,8 @@ class YOLOv3(nn.Module):
     def forward(self, images: Tensor) -> list[Tensor]:
         """``images [B, 3, H, W]`` (H, W multiples of 32) -> per scale ``[B, A, H/s, W/s, 5 + C]``, stride 8 first."""
         feats = self.backbone(images)
+        if not torch.jit.is_tracing():  # export traces one input size, which the check cannot change
+            _check_features(feats, images, self.strides, type(self.backbone).__name__)
         outs, x = [], None
         for j, (cset, head) in enumerate(zip(self.sets, self.heads)):
             f = feats[-1 - j]
@@ -156,3 +189,16 @@ class YOLOv3(nn.Module):
             if j < len(self.routes):
                 x = self.routes[j](x)
         return outs[::-1]
+
+
+def _check_features(feats: list[Tensor], images: Tensor, strides: list[int], name: str) -> None:
+    """A backbone's maps must match the neck: one per scale, the deepest at the last stride (the neck's
+    upsample-and-concatenate then pins the others); otherwise boxes would decode at wrong strides."""
+    if len(feats) != len(strides):
+        raise ValueError(f"backbone {name} returned {len(feats)} feature maps for a {len(strides)}-scale neck")
+    deep, side = tuple(feats[-1].shape[-2:]), tuple(images.shape[-2:])
+    if deep != (side[0] // strides[-1], side[1] // strides[-1]):
+        raise ValueError(
+            f"backbone {name}: its deepest feature map is {deep} for a {side} input, not {side[0] // strides[-1]}, "
+            f"{side[1] // strides[-1]} (stride {strides[-1]}; input sides must be multiples of 32)"
+        )
