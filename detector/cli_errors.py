@@ -115,7 +115,7 @@ def check_ckpt_path(path: str | Path | None) -> str | None:
 
 
 def describe(hint: Any) -> str:
-    """What a type hint accepts, in words: ``one of 'sgd', 'adamw'``, ``an int or null``, ``a Loss (A, B)``."""
+    """What a type hint accepts, in words: ``one of 'skip', 'stop'``, ``an int or null``, ``a Loss (A, B)``."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is Literal:
         return "one of " + ", ".join(map(repr, args))
@@ -139,7 +139,8 @@ def describe(hint: Any) -> str:
     if isinstance(hint, type):
         names = _subclass_names(hint)
         shown = ", ".join(names[:8]) + (", …" if len(names) > 8 else "")
-        return f"a {hint.__name__}" + (f" ({shown})" if names and names != [hint.__name__] else "")
+        article = "an" if hint.__name__[:1].lower() in "aeiou" else "a"
+        return f"{article} {hint.__name__}" + (f" ({shown})" if names and names != [hint.__name__] else "")
     return str(hint).replace("typing.", "")
 
 

@@ -5,12 +5,15 @@
 
 Without ``--nms`` the graph maps ``images float32 [B, 3, S, S]`` (0..1, letterboxed) to
 ``boxes [B, N, 4]`` (xyxy input pixels) and ``scores [B, N, C]`` (``σ(obj)·σ(cls)``), N the
-anchors of all scales. With ``--nms`` it ends with the evaluation's post-processing
-(``detector.ops.postprocess``: best ``max_candidates`` pairs per image above ``conf_thresh``,
+anchors of all scales. With ``--nms`` it ends with the evaluation's own post-processing
+(``detector.ops.postprocess.detections``: best 1000 pairs per image above ``conf_thresh``,
 class-aware NMS, ``max_det`` per image) and returns ``detections [K, 7]`` =
 (image index, x1, y1, x2, y2, score, label), grouped by image, by descending score within one.
-The checkpoint is read with ``torch.load(weights_only=True)``; an EMA run's ``state_dict`` holds
-the averaged weights, which are the ones exported. ``--check`` compares onnxruntime with PyTorch.
+
+The network is rebuilt from the checkpoint's hyper-parameters (:func:`load_detector`), an injected
+backbone included (its class must be importable, as at training time), then given the checkpoint's
+weights; the checkpoint is read with ``torch.load(weights_only=True)``. An EMA run's ``state_dict``
+holds the averaged weights, which are the ones exported. ``--check`` compares onnxruntime with PyTorch.
 """
 
 from __future__ import annotations
@@ -19,14 +22,20 @@ import argparse
 import inspect
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
+from lightning.pytorch.cli import instantiate_module
 from torch import Tensor, nn
-from torchvision.ops import batched_nms
 
 from .models import YOLOv3
 from .module import DetectorModule
-from .ops.boxes import anchor_grid, decode, detection_scores, flatten_outputs
+from .ops.boxes import anchor_grid
+from .ops.postprocess import MAX_CANDIDATES, boxes_and_scores, detections
+
+# Settings that do not shape the network: export builds it eager and in the default memory format,
+# gives it the checkpoint's weights (not the pretrained file it started from) and trains nothing.
+NOT_THE_NETWORK = {"weights": None, "compile": False, "channels_last": False, "optimizer": None, "lr_scheduler": None}
 
 
 class DecodedYOLO(nn.Module):
@@ -40,7 +49,7 @@ class DecodedYOLO(nn.Module):
     steps: Tensor  # (N, 1) stride
 
     def __init__(self, model: YOLOv3, image_size: int, nms: bool = False, conf_thresh: float = 0.001,
-                 nms_iou: float = 0.6, max_det: int = 100, max_candidates: int = 3000) -> None:  # fmt: skip
+                 nms_iou: float = 0.6, max_det: int = 100, max_candidates: int = MAX_CANDIDATES) -> None:  # fmt: skip
         super().__init__()
         if image_size <= 0 or image_size % 32:
             raise ValueError(f"image_size must be a positive multiple of 32, got {image_size}")
@@ -55,47 +64,28 @@ class DecodedYOLO(nn.Module):
 
     def decoded(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """``images [B, 3, S, S]`` -> ``boxes [B, N, 4]`` xyxy input pixels, ``scores [B, N, C]`` (obj x class)."""
-        raw = flatten_outputs(self.model(images)).float()  # (B, N, 5 + C)
-        boxes = decode(raw, self.cells, self.anchor_wh, self.steps)  # (B, N, 4)
-        scores = detection_scores(raw)  # (B, N, C)
-        return boxes, scores
+        return boxes_and_scores(self.model(images), self.cells, self.anchor_wh, self.steps)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor] | Tensor:
-        """``(boxes [B, N, 4], scores [B, N, C])``; with ``nms`` the detections ``[K, 7]`` of :func:`nms_detections`."""
+        """``(boxes [B, N, 4], scores [B, N, C])``; with ``nms`` the detections ``[K, 7]`` (see the module docstring)."""
         boxes, scores = self.decoded(images)
         if not self.nms:
             return boxes, scores
-        return nms_detections(boxes, scores, self.conf_thresh, self.nms_iou, self.max_det, self.max_candidates)
-
-
-def nms_detections(
-    boxes: Tensor, scores: Tensor, conf_thresh: float, iou: float, max_det: int, max_candidates: int
-) -> Tensor:
-    """``detector.ops.postprocess`` in exportable operations: ``boxes [B, N, 4]``, ``scores [B, N, C]`` ->
-    ``[K, 7]`` (image, x1, y1, x2, y2, score, label), by image, then by descending score.
-
-    The per-image ``max_det`` cap counts each image's survivors with a cumulative sum over an
-    image-indicator matrix ``[K, B]`` instead of ``bincount`` and Python splits.
-    """
-    b_n, n_cls = scores.shape[0], scores.shape[2]
-    flat = scores.flatten(1)  # (B, N·C)
-    top, idx = flat.topk(min(max_candidates, flat.shape[1]), dim=1)  # (B, K0)
-    keep = top > conf_thresh
-    img = torch.arange(b_n, device=boxes.device)[:, None].expand_as(idx)[keep]
-    row, label, score = idx[keep] // n_cls, idx[keep] % n_cls, top[keep]
-    cand = boxes[img, row]  # (K1, 4)
-    kept = batched_nms(cand, score, img * n_cls + label, iou)  # (K2,) by descending score
-    same = img[kept][:, None] == torch.arange(b_n, device=boxes.device)[None]  # (K2, B)
-    rank = (same.long().cumsum(0) * same.long()).sum(1) - 1  # rank of each survivor in its image
-    kept = kept[rank < max_det]
-    order = torch.argsort(img[kept].float() * 2.0 - score[kept])  # image ascending, score descending
-    kept = kept[order]
-    return torch.cat([img[kept, None].float(), cand[kept], score[kept, None], label[kept, None].float()], 1)
+        img, boxes, scores, labels = detections(
+            boxes, scores, self.conf_thresh, self.nms_iou, self.max_det, self.max_candidates
+        )
+        return torch.cat([img[:, None].float(), boxes, scores[:, None], labels[:, None].float()], 1)
 
 
 def load_detector(ckpt: str | Path) -> tuple[DetectorModule, int | None]:
-    """The DetectorModule of a checkpoint (``weights_only`` load, network weights only) and the
-    training image size when the checkpoint records its datamodule's hyper-parameters."""
+    """The DetectorModule of a checkpoint, in eval mode, and the training image size when the checkpoint
+    records its datamodule's hyper-parameters.
+
+    The module is rebuilt from the saved hyper-parameters as ``load_from_checkpoint`` does (Lightning's
+    ``instantiate_module``, which also builds injected parts from their ``class_path``), with the
+    settings of ``NOT_THE_NETWORK`` replaced; then the network (``model.*``) gets the checkpoint's
+    weights, strictly. Training-only state (a stateful loss's buffers) is not the network's.
+    """
     path = Path(ckpt)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
@@ -104,13 +94,19 @@ def load_detector(ckpt: str | Path) -> tuple[DetectorModule, int | None]:
         raise ValueError(
             f"{str(path)!r} is not a Lightning checkpoint of DetectorModule (no state_dict/hyper_parameters)"
         )
-    hp = state["hyper_parameters"]
-    accepted = set(inspect.signature(DetectorModule).parameters) - {"weights", "loss", "compile", "channels_last"}
-    module = DetectorModule(**{k: v for k, v in hp.items() if k in accepted})
+    module = rebuild(state["hyper_parameters"])
     net = {k.removeprefix("model."): v for k, v in state["state_dict"].items() if k.startswith("model.")}
     module.model.load_state_dict(net)
     size = state.get("datamodule_hyper_parameters", {}).get("image_size")
     return module.eval(), size
+
+
+def rebuild(hparams: dict[str, Any]) -> DetectorModule:
+    """A DetectorModule from saved hyper-parameters: those its constructor takes (older checkpoints may
+    hold others, e.g. ``momentum``), ``NOT_THE_NETWORK`` replaced, built through jsonargparse."""
+    accepted = inspect.signature(DetectorModule).parameters
+    config = {k: v for k, v in hparams.items() if k in accepted} | NOT_THE_NETWORK
+    return instantiate_module(DetectorModule, config)
 
 
 def export_onnx(wrapper: DecodedYOLO, output: Path, image_size: int, opset: int = 17) -> None:

@@ -47,8 +47,9 @@ def _error(capsys: pytest.CaptureFixture, args: list[str]) -> str:
         (["--data.batch_size", "abc"], "data.batch_size: 'abc' is not valid; accepted: an int"),
         (["--data.format", "xml"], "data.format: 'xml' is not valid; accepted: one of 'coco', 'yolo', 'voc'"),
         (["--model.nonfinite", "maybe"], "model.nonfinite: 'maybe' is not valid; accepted: one of 'skip', 'stop'"),
-        (["--model.optimizer", "adam"],
-         "model.optimizer: 'adam' is not valid; did you mean adamw?; accepted: one of 'sgd', 'adamw'"),
+        (["--model.optimizer", "adam"],  # a class path is expected (torch.optim.Adam)
+         "model.optimizer: 'adam' is not valid; accepted: an OptimizerFactory or null"),
+        (["--model.optimizer.init_args.lr", "0.1"], "model.optimizer.lr: unknown option"),  # lr is model.lr
         (["--model.loss.class_path", "detector.losses.NopeLoss"],
          "model.loss.class_path: 'detector.losses.NopeLoss' is not valid; accepted: a YOLOLoss"),
         (["--model.loss.init_args.classification", "nowhere.NopeLoss"],  # a module that does not exist
@@ -122,10 +123,10 @@ def test_value_read_in_either_jsonargparse_wording(wording: str) -> None:
 
 
 def test_value_from_the_command_line_when_the_message_has_none() -> None:
-    err = _chain('Parser key "model.optimizer":\n  Not a valid choice', "Not a valid choice")
-    argv = ["fit", "--model.optimizer", "sgd", "--model.optimizer=adam"]  # the last one given is the one parsed
+    err = _chain('Parser key "model.nonfinite":\n  Not a valid choice', "Not a valid choice")
+    argv = ["fit", "--model.nonfinite", "skip", "--model.nonfinite=stpo"]  # the last one given is the one parsed
     assert summarize_parse_error(err, ROOTS, argv) == (
-        "model.optimizer: 'adam' is not valid; did you mean adamw?; accepted: one of 'sgd', 'adamw'"
+        "model.nonfinite: 'stpo' is not valid; did you mean stop?; accepted: one of 'skip', 'stop'"
     )
 
 
