@@ -2,7 +2,7 @@
 
 One implementation for evaluation (:func:`postprocess`) and for the exported ONNX graph
 (``detector.export``): :func:`detections` uses only operations the ONNX exporter maps (TopK,
-NonZero, NonMaxSuppression, CumSum, comparisons), no ``bincount``, Python splits or host syncs.
+NonZero, NonMaxSuppression, ScatterElements, CumSum), no ``bincount``, Python splits or host syncs.
 """
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ def detections(
     # by image, NMS's order kept within one: the key image·K2 + position is unique, so any sort gives this order
     pos = torch.arange(kept.shape[0], device=boxes.device)
     kept = kept[torch.argsort(img[kept] * kept.shape[0] + pos)]
-    # rank in its image = position − survivors of the images before (counted through an indicator [K2, B])
-    per_image = (img[kept][:, None] == torch.arange(b_n, device=boxes.device)[None]).sum(0)  # (B,)
+    # rank in its image = position − survivors of the images before (ONNX: ScatterElements with add, CumSum)
+    per_image = torch.zeros(b_n, dtype=torch.long, device=boxes.device).scatter_add(0, img[kept], torch.ones_like(kept))
     rank = pos - (per_image.cumsum(0) - per_image)[img[kept]]
     kept = kept[rank < max_det]
     return img[kept], cand[kept], score[kept], label[kept]
