@@ -36,7 +36,7 @@ from torchvision.io import write_png
 from torchvision.utils import draw_bounding_boxes, make_grid
 
 from detector.data import DetectionDataModule, collate
-from detector.data.samplers import TrainSampler
+from detector.data.pipeline.samplers import TrainSampler
 
 IGNORED_SECTIONS = ("trainer", "model", "ckpt_path", "optimizer", "lr_scheduler")  # of training configs
 PADDING = 2  # px between tiles (make_grid)
@@ -59,7 +59,7 @@ def build_parser() -> ArgumentParser:
 
 def load_samples(dm: DetectionDataModule, split: str, n: int) -> tuple[Tensor, list[dict[str, Tensor]]]:
     """The first ``n`` samples of ``split`` as the loader yields them: ``images (B, 3, S, S)`` float
-    in [0, 1] and the targets (``detector.data.collate``). Training: epoch 0 of ``TrainSampler``."""
+    in [0, 1] and the targets (``detector.data.pipeline.collate``). Training: epoch 0 of ``TrainSampler``."""
     if split == "train":
         dm.setup("fit")
         dataset = dm.train_set

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from detector.data.coco import CocoDetection
+from detector.data.readers.coco import CocoDetection
 
 
 def _write(tmp_path, coco: dict | str, with_images: bool = True):

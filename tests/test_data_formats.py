@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import yaml
 
-from detector.data.formats import open_dataset
+from detector.data.readers.formats import open_dataset
+from detector.data.readers.voc import VocDetection
+from detector.data.readers.yolo import YoloDetection, label_path
 from detector.data.shapes import SHAPES_CLASSES, ShapesConfig, ensure_shapes
-from detector.data.voc import VocDetection
-from detector.data.yolo import YoloDetection, label_path
 
 TINY = ShapesConfig(num_train=5, num_val=3, seed=1, min_size=64, max_size=96)
 

@@ -17,7 +17,7 @@ from detector.data import (
     train_transforms,
     val_transforms,
 )
-from detector.data.transforms import PAD_VALUE, apply
+from detector.data.pipeline.transforms import PAD_VALUE, apply
 from detector.ops.boxes import unletterbox
 
 SIZE = 128

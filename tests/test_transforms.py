@@ -18,9 +18,9 @@ from detector.data import (
     ShapesConfig,
     train_transforms,
 )
-from detector.data.cache import CachedImages
-from detector.data.samplers import ItemKey
-from detector.data.transforms import (
+from detector.data.pipeline.cache import CachedImages
+from detector.data.pipeline.samplers import ItemKey
+from detector.data.pipeline.transforms import (
     STRIDE,
     apply,
     mosaic_transforms,

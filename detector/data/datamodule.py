@@ -1,6 +1,6 @@
 """The LightningDataModule: COCO, YOLO or VOC files (or the embedded shapes set) -> batches.
 
-Batches follow ``detector.data.collate`` (images float32 (B, 3, S, S) in [0, 1], targets a
+Batches follow ``detector.data.pipeline.collate`` (images float32 (B, 3, S, S) in [0, 1], targets a
 list of dicts with boxes/labels/image_id/orig_size/letterbox). Class names, category ids
 and the number of classes are known right after ``__init__`` (read from the training
 annotation file, or given, e.g. from a checkpoint), so a LightningCLI can link them into the model.
@@ -17,23 +17,18 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from detector.data.base import DetectionSource
-from detector.data.cache import CachedImages
-from detector.data.checks import Verify
-from detector.data.collate import collate
-from detector.data.dataset import TransformedDataset
-from detector.data.folder import ImageFolder
-from detector.data.formats import Format, open_dataset
-from detector.data.mosaic import MosaicTiler
-from detector.data.samplers import (
+from detector.data.pipeline.cache import CachedImages
+from detector.data.pipeline.collate import collate
+from detector.data.pipeline.dataset import TransformedDataset
+from detector.data.pipeline.mosaic import MosaicTiler
+from detector.data.pipeline.samplers import (
     ResumableDataLoader,
     TrainSampler,
     eval_sampler,
     global_seed,
     world,
 )
-from detector.data.shapes import ShapesConfig, ensure_shapes
-from detector.data.transforms import (
+from detector.data.pipeline.transforms import (
     augment_hparams,
     check_augment,
     mosaic_transforms,
@@ -42,10 +37,15 @@ from detector.data.transforms import (
     train_transforms,
     val_transforms,
 )
+from detector.data.readers.base import DetectionSource
+from detector.data.readers.checks import Verify
+from detector.data.readers.folder import ImageFolder
+from detector.data.readers.formats import Format, open_dataset
+from detector.data.shapes import ShapesConfig, ensure_shapes
 
 
 class DetectionDataModule(L.LightningDataModule):
-    """Detection data in COCO JSON, YOLO txt or Pascal VOC layout (``detector.data.formats``);
+    """Detection data in COCO JSON, YOLO txt or Pascal VOC layout (``detector.data.readers.formats``);
     relative paths are resolved against ``root``. Class names come from the training split.
 
     Args:
@@ -62,7 +62,7 @@ class DetectionDataModule(L.LightningDataModule):
             it, so predicting on ``predict_images`` reads neither the dataset nor ``root``.
         keep_difficult: VOC: keep objects marked difficult (default: left out, as mmdetection).
         strict: bad input (missing/corrupt images, broken boxes, …) raises instead of being skipped
-            and counted in one warning (``detector.data.checks``).
+            and counted in one warning (``detector.data.readers.checks``).
         verify: "header" (cheap checks) or "decode" (decode every image once at start).
         embedded: generate the built-in shapes dataset into ``root`` with this config.
         image_size: square model input side (letterboxed), a multiple of 32.
@@ -78,8 +78,8 @@ class DetectionDataModule(L.LightningDataModule):
         multi_scale: ``[low, high]``: each training batch is resized on device to a random multiple
             of 32 in this range (drawn from ``(seed, step)``); ``None`` = always ``image_size``.
         cache: decode every train/val image once into RAM, resized to ``image_size`` (see
-            ``detector.data.cache`` for the memory it takes).
-        seed: seed of the training order and augmentation (``detector.data.samplers``); ``None`` =
+            ``detector.data.pipeline.cache`` for the memory it takes).
+        seed: seed of the training order and augmentation (``detector.data.pipeline.samplers``); ``None`` =
             the global seed of ``seed_everything`` (the CLI's ``seed_everything``), read at ``setup``.
         predict_images: ``predict`` on this folder of images (jpg/png/bmp/webp, absolute or relative
             to the working directory) instead of the test split; ``None`` = the test split.

@@ -2,7 +2,7 @@
 
 ``MosaicTiler`` is the part of the training dataset (``TransformedDataset(mosaic=...)``)
 that decides and builds mosaics. For item ``i`` of epoch ``e`` it draws, from the item's
-generator ``item_rng(seed, e, i)`` (``detector.data.samplers``), first whether to tile, then
+generator ``item_rng(seed, e, i)`` (``detector.data.pipeline.samplers``), first whether to tile, then
 the three partner indices (uniform over the dataset, repeats allowed), then the random state
 of the mosaic pipeline (``mosaic_transforms``). So a mosaic sample, like any other, is a pure
 function of ``(seed, e, i)``, and a non-mosaic item still decodes one image only.
@@ -21,7 +21,7 @@ from typing import Any
 import albumentations as A
 import numpy as np
 
-from detector.data.transforms import apply
+from detector.data.pipeline.transforms import apply
 
 NUM_PARTNERS = 3  # a 2 x 2 grid: the item and three others
 

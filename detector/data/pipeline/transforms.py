@@ -30,7 +30,7 @@ Mosaic (``mosaic_transforms``, YOLOv4) tiles four images on a 2 x 2 grid with
 ``A.Mosaic``: each image is resized so that its *short* side is ``size`` ("cover"), the
 grid centre is drawn in the middle 40 % and the ``size x size`` window around it is kept,
 so every image shows the corner nearest the centre. The three extra images come through
-``A.Mosaic``'s metadata (``MOSAIC_KEY``); the dataset chooses them (``detector.data.mosaic``).
+``A.Mosaic``'s metadata (``MOSAIC_KEY``); the dataset chooses them (``detector.data.pipeline.mosaic``).
 
 Multi-scale training resizes whole batches (``random_batch_size``, ``resize_batch``).
 """

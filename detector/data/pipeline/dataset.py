@@ -11,12 +11,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from detector.data.base import DetectionSource
-from detector.data.cache import CachedImages
-from detector.data.folder import ImageFolder
-from detector.data.mosaic import MosaicTiler
-from detector.data.samplers import ItemKey, item_rng
-from detector.data.transforms import apply, letterbox_params
+from detector.data.pipeline.cache import CachedImages
+from detector.data.pipeline.mosaic import MosaicTiler
+from detector.data.pipeline.samplers import ItemKey, item_rng
+from detector.data.pipeline.transforms import apply, letterbox_params
+from detector.data.readers.base import DetectionSource
+from detector.data.readers.folder import ImageFolder
 
 
 class TransformedDataset(Dataset):

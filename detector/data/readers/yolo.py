@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from detector.data.base import DetectionSource, RawImage, index_ids, stem_ids
-from detector.data.checks import DataError, DataNotFoundError, Verify, parallel_map
+from detector.data.readers.base import DetectionSource, RawImage, index_ids, stem_ids
+from detector.data.readers.checks import DataError, DataNotFoundError, Verify, parallel_map
 
 IMAGE_SUFFIXES = frozenset({".bmp", ".jpeg", ".jpg", ".mpo", ".png", ".tif", ".tiff", ".webp"})
 
@@ -131,7 +131,7 @@ def parse_label_file(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
 
 
 class YoloDetection(DetectionSource):
-    """Detection samples of one split of a YOLO-txt dataset (contract: ``detector.data.formats``).
+    """Detection samples of one split of a YOLO-txt dataset (contract: ``detector.data.readers.formats``).
 
     Args:
         data: the dataset YAML.
