@@ -21,8 +21,9 @@ from .ops.boxes import unletterbox
 from .ops.dist import local_only
 from .ops.finite import Nonfinite, StepGuard, nonfinite_entries
 from .ops.postprocess import postprocess
+from .structures import Target
 
-Batch = tuple[Tensor, list[dict[str, Tensor]]]
+Batch = tuple[Tensor, list[Target]]
 # Keys of MeanAveragePrecision's result logged as val/<key> (DESIGN.md names).
 MAP_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_1", "mar_10", "mar_100")
 

@@ -36,6 +36,7 @@ from ..ops import dist
 from ..ops.assign import GroundTruth, assign
 from ..ops.boxes import anchor_grid, batched_box_iou, decode, encode, flatten_outputs
 from ..ops.gather import head_and_classes
+from ..structures import Target
 from .base import BoxLoss, BoxSet, ClassificationLoss, SampleInfo
 from .box import DarknetBoxLoss
 from .classification import BCE
@@ -121,7 +122,7 @@ class YOLOLoss(nn.Module):
         self.weights = (obj_weight, cls_weight, box_weight)
 
     def forward(
-        self, outputs: list[Tensor], targets: list[dict[str, Tensor]], anchors: Tensor, strides: list[int]
+        self, outputs: list[Tensor], targets: list[Target], anchors: Tensor, strides: list[int]
     ) -> dict[str, Tensor]:
         """Outputs (per scale ``[B, A, H, W, 5 + C]``), targets -> scalar ``loss`` and its three parts ``loss_*``."""
         shapes = [(o.shape[2], o.shape[3]) for o in outputs]

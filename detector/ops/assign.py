@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..structures import Target
 from .boxes import wh_iou
 
 
@@ -32,7 +33,7 @@ class GroundTruth:
     padded: Tensor
 
     @classmethod
-    def from_targets(cls, targets: list[dict[str, Tensor]], device: torch.device) -> GroundTruth:
+    def from_targets(cls, targets: list[Target], device: torch.device) -> GroundTruth:
         """Gather the ``boxes``/``labels`` of the DESIGN.md target dicts."""
         sizes = [len(t["boxes"]) for t in targets]  # host-side: no device sync
         counts = torch.tensor(sizes, device=device)
