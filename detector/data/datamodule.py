@@ -66,8 +66,8 @@ class DetectionDataModule(L.LightningDataModule):
             ``detector.data.pipeline.cache`` for the memory it takes).
         seed: seed of the training order and augmentation (``detector.data.pipeline.samplers``); ``None`` =
             the global seed of ``seed_everything`` (the CLI's ``seed_everything``), read at ``setup``.
-        predict_images: ``predict`` on this folder of images (jpg/png/bmp/webp, absolute or relative
-            to the working directory) instead of the test split; ``None`` = the test split.
+        predict_images: ``predict`` on this folder of images (suffixes: ``readers.base.IMAGE_SUFFIXES``;
+            absolute or relative to the working directory) instead of the test split; ``None`` = the test split.
 
     Training data is a pure function of (seed, epoch), resumable mid-epoch: ``state_dict`` records
     how many batches of which epoch the training loader has handed out, ``load_state_dict`` makes

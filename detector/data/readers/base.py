@@ -29,6 +29,10 @@ from detector.data.readers.checks import (
     probe_image,
 )
 
+# Image files every reader lists (lower-case suffixes; a file's suffix is compared in lower case): the formats
+# that Pillow (header checks) and OpenCV (decoding) both read. ``.mpo`` is a multi-picture JPEG (first frame).
+IMAGE_SUFFIXES = (".bmp", ".jpeg", ".jpg", ".mpo", ".png", ".tif", ".tiff", ".webp")
+
 
 @dataclass
 class RawImage:
