@@ -326,8 +326,10 @@ def test_export_writes_weights_cfg_and_names(tmp_path: Path) -> None:
         for a, b in zip(src(images), dst(images)):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert "width=320\nheight=320\n" in cfg_text(src, 320)
-    with pytest.raises(ValueError, match="multiple of 32, got 300"):
-        cfg_text(src, 300)
+    for bad in (300, 0, -32):
+        with pytest.raises(ValueError) as err:
+            cfg_text(src, bad)
+        assert str(err.value) == f"image_size must be a positive multiple of 32 (the largest stride), got {bad}"
 
 
 def test_tiny_stride1_pool_ignores_cells_past_the_edge() -> None:

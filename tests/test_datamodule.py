@@ -248,6 +248,14 @@ def test_bad_arguments_fail_clearly(shapes_root, kwargs, error, match):
         DetectionDataModule(**{"root": str(shapes_root), "num_workers": 0, **kwargs})
 
 
+def test_image_size_error_is_one_line(shapes_root):
+    """The size rule is ``structures.check_image_size``'s: one line naming the argument and the value."""
+    for bad in (100, 0, -64):
+        with pytest.raises(ValueError) as err:
+            DetectionDataModule(root=str(shapes_root), image_size=bad, num_workers=0)
+        assert str(err.value) == f"image_size must be a positive multiple of 32 (the largest stride), got {bad}"
+
+
 def test_signature_is_cli_friendly(shapes_root):
     from jsonargparse import ArgumentParser
 
