@@ -139,15 +139,6 @@ class DetectionSource(Dataset):
         """C, the number of classes (``len(class_names)``)."""
         return len(self.class_names)
 
-    @property
-    def _boxes(self) -> list[np.ndarray]:
-        """Deprecated alias of ``boxes`` (kept while the datamodule still reads it)."""
-        return self.boxes
-
-    @property
-    def _labels(self) -> list[np.ndarray]:
-        return self.labels
-
     def __len__(self) -> int:
         return len(self.paths)
 
