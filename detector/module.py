@@ -13,10 +13,10 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 from torchmetrics.detection import MeanAveragePrecision
 
-from .anchors import best_possible_recall, dataset_wh
 from .losses.yolo_loss import YOLOLoss
 from .metrics import ShardedMeanAveragePrecision
 from .models import YOLOv3
+from .ops.anchors import best_possible_recall
 from .ops.boxes import unletterbox
 from .ops.dist import local_only
 from .ops.finite import Nonfinite, StepGuard, nonfinite_entries
@@ -143,9 +143,8 @@ class DetectorModule(L.LightningModule):
         dm = getattr(self.trainer, "datamodule", None)
         if dm is None or not hasattr(dm, "train_box_sizes"):
             return
-        try:
-            wh = dataset_wh(dm)
-        except ValueError:  # no boxes: nothing to check
+        wh = dm.train_box_sizes()  # (N, 2) input pixels
+        if not len(wh):  # no boxes: nothing to check
             return
         bpr = best_possible_recall(wh, self.model.anchors.view(-1, 2).cpu())
         if bpr < 0.98:
