@@ -13,14 +13,14 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 from torchmetrics.detection import MeanAveragePrecision
 
+from .distributed import local_only
 from .losses.yolo_loss import YOLOLoss
 from .metrics import ShardedMeanAveragePrecision
 from .models import YOLOv3
 from .ops.anchors import best_possible_recall
 from .ops.boxes import unletterbox
-from .ops.dist import local_only
-from .ops.finite import Nonfinite, StepGuard, nonfinite_entries
 from .ops.postprocess import postprocess
+from .step_guard import Nonfinite, StepGuard, nonfinite_entries
 
 Batch = tuple[Tensor, list[dict[str, Tensor]]]
 # Keys of MeanAveragePrecision's result logged as val/<key> (DESIGN.md names).
@@ -54,7 +54,7 @@ class DetectorModule(L.LightningModule):
             does: "skip" (no update; BatchNorm/GHM-C buffers rolled back; counted in
             ``train/nonfinite_skipped``) or "stop" (``NonFiniteLossError`` naming the global step
             and the batch's image ids). Checked once per step, before the optimizer step
-            (``detector.ops.finite.StepGuard``): one reduction of the outputs, one gradient norm,
+            (``detector.step_guard.StepGuard``): one reduction of the outputs, one gradient norm,
             one host sync. All DDP processes take the same branch. A checkpoint with non-finite
             weights is never written.
         channels_last: keep the network in channels-last memory format (faster convs with AMP on GPUs).

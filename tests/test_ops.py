@@ -118,8 +118,8 @@ def test_assignment_with_iou_thresh_adds_every_anchor_above_it() -> None:
 
 
 def test_head_and_classes_matches_plain_indexing_and_its_gradient() -> None:
+    from detector.losses.gather import head_and_classes
     from detector.ops.boxes import flatten_outputs
-    from detector.ops.gather import head_and_classes
 
     outs = [torch.randn(2, 3, h, w, 9, requires_grad=True) for h, w in SHAPES]
     rows, batch = torch.tensor([6155, 3492, 10, 4866]), torch.tensor([1, 0, 1, 0])

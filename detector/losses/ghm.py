@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..ops.dist import all_reduce_sum
+from ..distributed import all_reduce_sum
 from .base import ClassificationLoss, SampleInfo
 from .classification import _check_shapes
 

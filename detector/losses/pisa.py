@@ -11,8 +11,8 @@ import torch
 from torch import Tensor
 from torchvision.ops import batched_nms
 
+from ..distributed import all_gather_cat, all_reduce_sum
 from ..ops.boxes import batched_box_iou
-from ..ops.dist import all_gather_cat, all_reduce_sum
 from .base import BoxLoss, BoxSet, ClassificationLoss, SampleInfo
 
 

@@ -32,13 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import dist
+from .. import distributed as dist
 from ..ops.assign import GroundTruth, assign
 from ..ops.boxes import anchor_grid, batched_box_iou, decode, encode, flatten_outputs
-from ..ops.gather import head_and_classes
 from .base import BoxLoss, BoxSet, ClassificationLoss, SampleInfo
 from .box import DarknetBoxLoss
 from .classification import BCE
+from .gather import head_and_classes
 from .objectness import BCEObjectness
 
 Normalize = Literal["num_pos", "batch", "num_anchors", "valid"]
