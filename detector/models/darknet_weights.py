@@ -51,15 +51,15 @@ class Header:
 def read_header(path: str | Path) -> Header:
     """Darknet's header rule: ``seen`` is int64 when ``major·10 + minor >= 2`` and both are < 1000."""
     with open(path, "rb") as f:
-        head = f.read(20)
-    if len(head) < 16:
-        raise ValueError(f"{str(path)!r} is too short ({len(head)} bytes) for a darknet weights header")
-    major, minor, revision = struct.unpack("<3i", head[:12])
+        header_bytes = f.read(20)
+    if len(header_bytes) < 16:
+        raise ValueError(f"{str(path)!r} is too short ({len(header_bytes)} bytes) for a darknet weights header")
+    major, minor, revision = struct.unpack("<3i", header_bytes[:12])
     if major * 10 + minor >= 2 and major < 1000 and minor < 1000:
-        if len(head) < 20:
-            raise ValueError(f"{str(path)!r} is too short ({len(head)} bytes) for a 20-byte darknet header")
-        return Header(major, minor, revision, struct.unpack("<q", head[12:20])[0], 20)
-    return Header(major, minor, revision, struct.unpack("<i", head[12:16])[0], 16)
+        if len(header_bytes) < 20:
+            raise ValueError(f"{str(path)!r} is too short ({len(header_bytes)} bytes) for a 20-byte darknet header")
+        return Header(major, minor, revision, struct.unpack("<q", header_bytes[12:20])[0], 20)
+    return Header(major, minor, revision, struct.unpack("<i", header_bytes[12:16])[0], 16)
 
 
 def is_darknet_file(path: str | Path) -> bool:

@@ -57,8 +57,8 @@ def assign(
         strides: stride of each scale. shapes: (H_s, W_s) of each scale's grid.
         iou_thresh: also assign every anchor whose shape IoU with the ground truth exceeds this.
     Returns:
-        ``(batch [P], row [P], gt_index [P])``: positive anchors as image index and row of the
-        flat layout of :func:`detector.ops.boxes.anchor_grid`, and the ground truth each learns.
+        ``(img_idx [P], anchor_idx [P], gt_idx [P])``: each positive's image, its anchor row in the
+        flat layout of :func:`detector.ops.boxes.anchor_grid`, and the ground truth it learns.
     """
     a_n = anchors.shape[1]
     ious = wh_iou(gt.boxes[:, 2:] - gt.boxes[:, :2], anchors.view(-1, 2))  # (G, S·A)
