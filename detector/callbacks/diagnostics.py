@@ -1,6 +1,6 @@
 """Imbalance diagnostics: where the loss and the gradient come from, per training epoch (opt-in).
 
-The picture of GHM (Li et al., arXiv 1811.05181, Fig. 1; LOSSES.md §4): for every sigmoid
+The picture of GHM (Li et al., arXiv 1811.05181, Fig. 1; docs/losses.md): for every sigmoid
 element the gradient norm ``g = |p − y|`` (p = σ(x); softmax over the classes for
 ``SoftmaxCrossEntropy``, whose gradient is ``softmax(x) − y``). Easy elements (g small) are
 the vast majority, most of them negatives; focal loss and GHM-C shrink their share.
