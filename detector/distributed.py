@@ -1,7 +1,7 @@
 """Collectives that reduce to the identity outside ``torch.distributed``.
 
 The YOLO loss and the stateful losses use these so that N processes holding 1/N of a
-batch each compute the loss of one process holding the whole batch (docs/design.md).
+batch each compute the loss of one process holding the whole batch (docs/losses.md, Normalisers).
 None of them carries gradient: they move normalisers, counts and ranking keys only.
 
 This module is not a pure op, hence not in ``ops/``: it reads one piece of context, whether

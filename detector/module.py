@@ -23,7 +23,7 @@ from .ops.postprocess import postprocess
 from .step_guard import Nonfinite, StepGuard, nonfinite_entries
 
 Batch = tuple[Tensor, list[dict[str, Tensor]]]
-# Keys of MeanAveragePrecision's result logged as val/<key> (DESIGN.md names).
+# Keys of MeanAveragePrecision's result logged as val/<key> (the names in docs/design.md).
 MAP_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_1", "mar_10", "mar_100")
 
 
@@ -34,7 +34,7 @@ class NonFiniteLossError(RuntimeError):
 class DetectorModule(L.LightningModule):
     """YOLOv3 training and COCO-style evaluation.
 
-    Batches follow DESIGN.md: ``images float32 [B, 3, S, S]`` in 0..1 (letterboxed) and one
+    Batches follow docs/design.md: ``images float32 [B, 3, S, S]`` in 0..1 (letterboxed) and one
     target dict per image (``boxes [N, 4]`` xyxy input pixels, ``labels [N]``, ``image_id``,
     ``orig_size`` (h, w), ``letterbox`` (scale, pad_x, pad_y)). Evaluation maps detections
     and ground truths back to original pixels before ``MeanAveragePrecision``.
@@ -44,7 +44,8 @@ class DetectorModule(L.LightningModule):
         preset: model preset, see ``detector.models.PRESETS``.
         anchors: anchors per scale in pixels; the preset's when None.
         weights: optional local file of pretrained weights.
-        loss: the YOLO loss with its pluggable parts; darknet's recipe when None.
+        loss: the YOLO loss with its pluggable parts; ``YOLOLoss()`` when None, the "paper"
+            recipe (BCE objectness and classes, ``DarknetBoxLoss`` with darknet's gradient, ignore 0.5).
         optimizer: "sgd" (Nesterov momentum, darknet's and Ultralytics' choice) or "adamw"
             (``momentum`` is then β1); no weight decay on norm weights and biases either way.
         lr, momentum, weight_decay: optimizer settings.

@@ -1,4 +1,4 @@
-"""Batch samples into the detector contract (see DESIGN.md).
+"""Batch samples into the detector contract (``detector.structures``; docs/design.md).
 
 images   float32 (B, 3, S, S) in [0, 1], contiguous, letterboxed to the model size
 targets  list of B dicts:

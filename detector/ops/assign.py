@@ -1,4 +1,4 @@
-"""Darknet's YOLOv3 target assignment (``yolo_layer.c``; LOSSES.md §2), vectorised.
+"""Darknet's YOLOv3 target assignment (``yolo_layer.c``; docs/losses.md), vectorised.
 
 Each ground truth goes to the one anchor, among all S·A, whose (w, h) shape has the highest
 IoU with its own (both centred together), at the grid cell of that anchor's scale that holds
@@ -33,7 +33,7 @@ class GroundTruth:
 
     @classmethod
     def from_targets(cls, targets: list[dict[str, Tensor]], device: torch.device) -> GroundTruth:
-        """Gather the ``boxes``/``labels`` of the DESIGN.md target dicts."""
+        """Gather the ``boxes``/``labels`` of the target dicts (``detector.structures.Target``)."""
         sizes = [len(t["boxes"]) for t in targets]  # host-side: no device sync
         counts = torch.tensor(sizes, device=device)
         boxes = torch.cat([t["boxes"] for t in targets]).to(device, torch.float32).reshape(-1, 4)
