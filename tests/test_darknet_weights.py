@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 
+from detector.darknet_export import main
 from detector.models import YOLOv3
 from detector.models.darknet_cfg import cfg_text, darknet_layers
-from detector.models.darknet_weights import darknet_size, load_darknet, main, save_darknet
+from detector.models.darknet_weights import darknet_size, load_darknet, save_darknet
 
 # Published sizes in bytes (pjreddie.com/media/files; AlexeyAB/darknet#1910 for yolov3.weights).
 YOLOV3_BYTES, DARKNET53_CONV74_BYTES, TINY_BYTES = 248007048, 162482580, 35434956
