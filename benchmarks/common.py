@@ -11,7 +11,7 @@ import torch
 def synthetic_targets(
     batch: int, size: int, objects: int, classes: int, seed: int = 0
 ) -> list[dict[str, torch.Tensor]]:
-    """``batch`` target dicts (DESIGN.md) with ``objects`` random boxes each, 4..size/2 px wide."""
+    """``batch`` target dicts (``detector.structures.Target``) with ``objects`` random boxes each, 4..size/2 px wide."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(batch):

@@ -25,7 +25,7 @@ import torch
 from lightning.pytorch.profilers import SimpleProfiler
 
 from detector.data import DetectionDataModule, ShapesConfig, collate
-from detector.data.samplers import ItemKey
+from detector.data.pipeline.samplers import ItemKey
 from detector.module import DetectorModule
 
 NEXT = "[_TrainingEpochLoop].train_dataloader_next"

@@ -36,7 +36,8 @@ from torchvision.io import write_png
 from torchvision.utils import draw_bounding_boxes, make_grid
 
 from detector.data import DetectionDataModule, collate
-from detector.data.samplers import TrainSampler
+from detector.data.pipeline.samplers import TrainSampler
+from detector.structures import Target
 
 IGNORED_SECTIONS = ("trainer", "model", "ckpt_path", "optimizer", "lr_scheduler")  # of training configs
 PADDING = 2  # px between tiles (make_grid)
@@ -57,9 +58,9 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def load_samples(dm: DetectionDataModule, split: str, n: int) -> tuple[Tensor, list[dict[str, Tensor]]]:
+def load_samples(dm: DetectionDataModule, split: str, n: int) -> tuple[Tensor, list[Target]]:
     """The first ``n`` samples of ``split`` as the loader yields them: ``images (B, 3, S, S)`` float
-    in [0, 1] and the targets (``detector.data.collate``). Training: epoch 0 of ``TrainSampler``."""
+    in [0, 1] and the targets (``detector.data.pipeline.collate``). Training: epoch 0 of ``TrainSampler``."""
     if split == "train":
         dm.setup("fit")
         dataset = dm.train_set
@@ -81,9 +82,7 @@ def class_colours(num_classes: int) -> list[tuple[int, int, int]]:
     return [tuple(round(255 * v) for v in colorsys.hsv_to_rgb(h, 0.9, 1.0)) for h in hues]  # type: ignore[misc]
 
 
-def draw_grid(
-    images: Tensor, targets: list[dict[str, Tensor]], class_names: list[str], cols: int | None = None
-) -> Tensor:
+def draw_grid(images: Tensor, targets: list[Target], class_names: list[str], cols: int | None = None) -> Tensor:
     """``images (B, 3, S, S)`` in [0, 1] with their target boxes -> one ``uint8 (3, H, W)`` grid.
 
     ``cols`` tiles per row (default ``ceil(sqrt(B))``); ``H = rows * (S + 2) + 2``, ``W = cols * (S + 2) + 2``.

@@ -23,7 +23,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from .cli_errors import check_ckpt_path, summarize_init_error, summarize_parse_error
 from .data import DetectionDataModule
-from .data.checks import DataError, data_error_message
+from .data.readers.checks import DataError, data_error_message
 from .module import DetectorModule
 from .optim import upgrade_hparams
 from .runs import ResumeError, RunConfigSaver, prepare_run

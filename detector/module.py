@@ -12,18 +12,19 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 from torchmetrics.detection import MeanAveragePrecision
 
-from .anchors import best_possible_recall, dataset_wh
+from .distributed import local_only
 from .losses.yolo_loss import YOLOLoss
 from .metrics import ShardedMeanAveragePrecision
 from .models import Backbone, YOLOv3
+from .ops.anchors import best_possible_recall
 from .ops.boxes import unletterbox
-from .ops.dist import local_only
-from .ops.finite import Nonfinite, StepGuard, nonfinite_entries
 from .ops.postprocess import postprocess
 from .optim import DEFAULT_OPTIMIZER, OptimizerFactory, SchedulerFactory, param_groups, warmup_cosine
+from .step_guard import Nonfinite, StepGuard, nonfinite_entries
+from .structures import Target
 
-Batch = tuple[Tensor, list[dict[str, Tensor]]]
-# Keys of MeanAveragePrecision's result logged as val/<key> (DESIGN.md names).
+Batch = tuple[Tensor, list[Target]]
+# Keys of MeanAveragePrecision's result logged as val/<key> (the names in docs/design.md).
 MAP_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_1", "mar_10", "mar_100")
 
 
@@ -34,7 +35,7 @@ class NonFiniteLossError(RuntimeError):
 class DetectorModule(L.LightningModule):
     """YOLOv3 training and COCO-style evaluation.
 
-    Batches follow DESIGN.md: ``images float32 [B, 3, S, S]`` in 0..1 (letterboxed) and one
+    Batches follow docs/design.md: ``images float32 [B, 3, S, S]`` in 0..1 (letterboxed) and one
     target dict per image (``boxes [N, 4]`` xyxy input pixels, ``labels [N]``, ``image_id``,
     ``orig_size`` (h, w), ``letterbox`` (scale, pad_x, pad_y)). Evaluation maps detections
     and ground truths back to original pixels before ``MeanAveragePrecision``.
@@ -47,7 +48,8 @@ class DetectorModule(L.LightningModule):
             ``class_path`` and ``init_args``); None = the preset's.
         anchors: anchors per scale in pixels; the preset's when None.
         weights: optional local file of pretrained weights.
-        loss: the YOLO loss with its pluggable parts; darknet's recipe when None.
+        loss: the YOLO loss with its pluggable parts; ``YOLOLoss()`` when None, the "paper"
+            recipe (BCE objectness and classes, ``DarknetBoxLoss`` with darknet's gradient, ignore 0.5).
         optimizer: an optimizer class (``detector.optim.OptimizerFactory``; in a config ``class_path``
             and ``init_args`` such as momentum or betas), called with two parameter groups (no weight
             decay on norm weights and biases), ``lr`` and ``weight_decay``. None = SGD with Nesterov
@@ -62,7 +64,7 @@ class DetectorModule(L.LightningModule):
             does: "skip" (no update; BatchNorm/GHM-C buffers rolled back; counted in
             ``train/nonfinite_skipped``) or "stop" (``NonFiniteLossError`` naming the global step
             and the batch's image ids). Checked once per step, before the optimizer step
-            (``detector.ops.finite.StepGuard``): one reduction of the outputs, one gradient norm,
+            (``detector.step_guard.StepGuard``): one reduction of the outputs, one gradient norm,
             one host sync. All DDP processes take the same branch. A checkpoint with non-finite
             weights is never written.
         channels_last: keep the network in channels-last memory format (faster convs with AMP on GPUs).
@@ -164,9 +166,8 @@ class DetectorModule(L.LightningModule):
         dm = getattr(self.trainer, "datamodule", None)
         if dm is None or not hasattr(dm, "train_box_sizes"):
             return
-        try:
-            wh = dataset_wh(dm)
-        except ValueError:  # no boxes: nothing to check
+        wh = dm.train_box_sizes()  # (N, 2) input pixels
+        if not len(wh):  # no boxes: nothing to check
             return
         bpr = best_possible_recall(wh, self.model.anchors.view(-1, 2).cpu())
         if bpr < 0.98:

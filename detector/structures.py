@@ -5,8 +5,8 @@ Images are ``float32 [B, 3, S, S]`` in 0..1, letterboxed to the model input side
 This module depends on torch only, so data, models, losses and ops may all import it.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: under Python 3.11 a string ``NotRequired[...]`` is not
+# recognised, so ``Target.__required_keys__`` (which ``collate`` reads) would list the optional keys too.
 from typing import NotRequired, TypedDict
 
 from torch import Tensor

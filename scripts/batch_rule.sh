@@ -1,5 +1,5 @@
 # The batch-size / learning-rate rule of the multi-GPU scripts (sourced by scripts/slurm/train.sbatch
-# and scripts/torchrun.sh; docs/readme/cluster.md explains it).
+# and scripts/torchrun.sh; docs/cluster.md explains it).
 #
 #   batch_rule_args PROCESSES BATCH NOMINAL LR_NOMINAL
 #

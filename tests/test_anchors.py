@@ -2,7 +2,8 @@ from pathlib import Path
 
 import torch
 
-from detector.anchors import best_possible_recall, kmeans_anchors, main
+from detector.anchors import main
+from detector.ops.anchors import best_possible_recall, kmeans_anchors
 
 
 def test_kmeans_recovers_known_clusters() -> None:

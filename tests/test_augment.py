@@ -15,9 +15,9 @@ import yaml
 
 from detector.cli import DetectorCLI, cli_kwargs
 from detector.data import DetectionDataModule, ShapesConfig, TransformedDataset
-from detector.data.mosaic import MosaicTiler
-from detector.data.samplers import ItemKey
-from detector.data.transforms import (
+from detector.data.pipeline.mosaic import MosaicTiler
+from detector.data.pipeline.samplers import ItemKey
+from detector.data.pipeline.transforms import (
     MOSAIC_KEY,
     apply,
     augment_hparams,

@@ -17,7 +17,7 @@ from torchvision.io import read_image
 
 from detector import browse
 from detector.data import DetectionDataModule, ShapesConfig, collate
-from detector.data.samplers import TrainSampler
+from detector.data.pipeline.samplers import TrainSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 96

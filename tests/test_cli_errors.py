@@ -68,6 +68,7 @@ def _error(capsys: pytest.CaptureFixture, args: list[str]) -> str:
         (["--model.preset", "yolov4"],  # checked when the model is built: the key comes from its __init__ frame
          "model.preset: unknown model preset 'yolov4'; choose one of ['nano', 'yolov3', 'yolov3-tiny']"),
         (["--data.batch_size", "0"], "data.batch_size must be > 0, got 0"),
+        (["--data.image_size", "100"], "data.image_size must be a positive multiple of 32 (the largest stride), got 100"),
     ],
 )  # fmt: skip
 def test_command_line_mistake(capsys: pytest.CaptureFixture, tmp_path: Path, extra: list[str], line: str) -> None:

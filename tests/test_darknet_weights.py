@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 
+from detector.darknet_export import main
 from detector.models import YOLOv3
 from detector.models.darknet_cfg import cfg_text, darknet_layers
-from detector.models.darknet_weights import darknet_size, load_darknet, main, save_darknet
+from detector.models.darknet_weights import darknet_size, load_darknet, save_darknet
 
 # Published sizes in bytes (pjreddie.com/media/files; AlexeyAB/darknet#1910 for yolov3.weights).
 YOLOV3_BYTES, DARKNET53_CONV74_BYTES, TINY_BYTES = 248007048, 162482580, 35434956
@@ -326,8 +327,10 @@ def test_export_writes_weights_cfg_and_names(tmp_path: Path) -> None:
         for a, b in zip(src(images), dst(images)):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert "width=320\nheight=320\n" in cfg_text(src, 320)
-    with pytest.raises(ValueError, match="multiple of 32, got 300"):
-        cfg_text(src, 300)
+    for bad in (300, 0, -32):
+        with pytest.raises(ValueError) as err:
+            cfg_text(src, bad)
+        assert str(err.value) == f"image_size must be a positive multiple of 32 (the largest stride), got {bad}"
 
 
 def test_tiny_stride1_pool_ignores_cells_past_the_edge() -> None:

@@ -14,10 +14,10 @@ import pytest
 import torch
 import yaml
 
-from detector.data.checks import BENIGN, PROBLEMS, CheckReport, DataError, check_boxes, data_error_message
-from detector.data.coco import CocoDetection
-from detector.data.voc import VocDetection
-from detector.data.yolo import YoloDetection
+from detector.data.readers.checks import BENIGN, PROBLEMS, CheckReport, DataError, check_boxes, data_error_message
+from detector.data.readers.coco import CocoDetection
+from detector.data.readers.voc import VocDetection
+from detector.data.readers.yolo import YoloDetection
 
 H, W = 30, 40  # the good image
 

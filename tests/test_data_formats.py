@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 import yaml
 
-from detector.data.formats import open_dataset
+from detector.data.readers.base import IMAGE_SUFFIXES
+from detector.data.readers.folder import ImageFolder
+from detector.data.readers.formats import open_dataset
+from detector.data.readers.voc import VocDetection
+from detector.data.readers.yolo import YoloDetection, label_path
 from detector.data.shapes import SHAPES_CLASSES, ShapesConfig, ensure_shapes
-from detector.data.voc import VocDetection
-from detector.data.yolo import YoloDetection, label_path
 
 TINY = ShapesConfig(num_train=5, num_val=3, seed=1, min_size=64, max_size=96)
 
@@ -159,6 +161,38 @@ def test_yolo_segments_and_label_paths(tmp_path):
     s = YoloDetection(tmp_path / "d.yaml", "train")[0]
     np.testing.assert_allclose(s["boxes"], [[10, 10, 50, 40], [40, 15, 60, 35]], atol=1e-5)
     assert s["labels"].tolist() == [1, 0]
+
+
+def test_one_list_of_image_suffixes(tmp_path):
+    """The YOLO reader and the predict folder list the same files: every suffix of ``IMAGE_SUFFIXES``, in any
+    case, and nothing else; each decodes to its pixels (exactly, for the lossless formats)."""
+    import cv2
+
+    assert IMAGE_SUFFIXES == (".bmp", ".jpeg", ".jpg", ".mpo", ".png", ".tif", ".tiff", ".webp")
+    yy, xx = np.mgrid[:24, :32]
+    image = np.stack([xx * 8, yy * 10, np.full_like(xx, 128)], -1).astype(np.uint8)  # RGB, smooth (JPEG keeps it)
+    folder = tmp_path / "images" / "train"
+    (tmp_path / "labels" / "train").mkdir(parents=True)
+    folder.mkdir(parents=True)
+    names = []
+    for i, suffix in enumerate(IMAGE_SUFFIXES):
+        names.append(f"{i}{suffix.upper() if i % 2 else suffix}")
+        params = [cv2.IMWRITE_WEBP_QUALITY, 101] if suffix == ".webp" else []  # > 100: lossless WebP
+        ok, data = cv2.imencode(".jpg" if suffix == ".mpo" else suffix, image[..., ::-1], params)  # MPO: JPEG data
+        (folder / names[-1]).write_bytes(data.tobytes())
+        (tmp_path / "labels" / "train" / f"{i}.txt").write_text("0 0.5 0.5 0.5 0.5\n")
+    for other in ("notes.txt", "clip.gif", "scan.jp2"):
+        (folder / other).write_bytes(b"not listed")
+    predict = ImageFolder(folder)
+    assert predict.file_names == sorted(names)
+    (tmp_path / "d.yaml").write_text(yaml.safe_dump({"train": "images/train", "names": ["p"]}))
+    yolo = YoloDetection(tmp_path / "d.yaml", "train", strict=True)
+    assert sorted(p.name for p in yolo.paths) == sorted(names)
+    for name in names:
+        got = predict.load_image(predict.file_names.index(name))
+        assert (got == yolo.load_image([p.name for p in yolo.paths].index(name))).all()
+        lossy = name.lower().endswith((".jpg", ".jpeg", ".mpo"))
+        assert np.abs(got.astype(int) - image).max() <= 16 if lossy else (got == image).all(), name
 
 
 def test_voc_difficult_objects_and_edges(tmp_path):

@@ -17,8 +17,10 @@ from detector.data import (
     train_transforms,
     val_transforms,
 )
-from detector.data.transforms import PAD_VALUE, apply
+from detector.data.pipeline.collate import LAYOUT, OPTIONAL_KEYS, TARGET_KEYS
+from detector.data.pipeline.transforms import PAD_VALUE, apply
 from detector.ops.boxes import unletterbox
+from detector.structures import Target
 
 SIZE = 128
 SMALL = ShapesConfig(num_train=8, num_val=4, seed=1, min_size=96, max_size=160)
@@ -122,6 +124,40 @@ def test_collate_contract_with_empty_target():
         collate([(torch.zeros(3, 4, 4), {"boxes": torch.zeros(0, 4)})])
 
 
+def test_target_keys_are_those_of_the_typeddict():
+    """``collate`` reads its keys from ``Target`` (required / optional as declared there, in its order)."""
+    assert TARGET_KEYS == ("boxes", "labels", "image_id", "orig_size", "letterbox")
+    assert OPTIONAL_KEYS == ("orig_boxes", "orig_labels")
+    assert list(LAYOUT) == list(Target.__annotations__)
+
+
+def test_collate_converts_and_passes_optional_keys():
+    """Arrays and numbers become tensors of the contract's dtype and shape; optional keys pass, extra keys do not."""
+    target = {
+        "boxes": np.array([[1, 2, 3, 4]], np.float64),
+        "labels": [2],
+        "image_id": 7,
+        "orig_size": (50, 70),
+        "letterbox": np.array([0.5, 1.0, 2.0]),
+        "orig_boxes": np.array([[2, 4, 6, 8], [0, 0, 1, 1]], np.float32),
+        "orig_labels": np.array([2, 0]),
+        "extra": 1,
+    }
+    _, (t,) = collate([(torch.zeros(3, 4, 4, dtype=torch.uint8), target)])
+    assert list(t) == list(Target.__annotations__)
+    layout = {k: (v.dtype, tuple(v.shape)) for k, v in t.items()}
+    assert layout == {
+        "boxes": (torch.float32, (1, 4)),
+        "labels": (torch.int64, (1,)),
+        "image_id": (torch.int64, ()),
+        "orig_size": (torch.int64, (2,)),
+        "letterbox": (torch.float32, (3,)),
+        "orig_boxes": (torch.float32, (2, 4)),
+        "orig_labels": (torch.int64, (2,)),
+    }
+    assert t["orig_boxes"].tolist() == [[2, 4, 6, 8], [0, 0, 1, 1]] and int(t["image_id"]) == 7
+
+
 # --- datamodule ----------------------------------------------------------------------------
 
 
@@ -210,6 +246,14 @@ def test_test_split_defaults_to_val(shapes_root):
 def test_bad_arguments_fail_clearly(shapes_root, kwargs, error, match):
     with pytest.raises(error, match=match):
         DetectionDataModule(**{"root": str(shapes_root), "num_workers": 0, **kwargs})
+
+
+def test_image_size_error_is_one_line(shapes_root):
+    """The size rule is ``structures.check_image_size``'s: one line naming the argument and the value."""
+    for bad in (100, 0, -64):
+        with pytest.raises(ValueError) as err:
+            DetectionDataModule(root=str(shapes_root), image_size=bad, num_workers=0)
+        assert str(err.value) == f"image_size must be a positive multiple of 32 (the largest stride), got {bad}"
 
 
 def test_signature_is_cli_friendly(shapes_root):

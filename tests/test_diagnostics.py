@@ -12,8 +12,16 @@ from torch.utils.data import DataLoader
 
 from detector.callbacks import ImbalanceDiagnostics, ImbalanceStats
 from detector.losses import YOLOLoss
+from detector.losses.yolo_loss import LossRecord
 from detector.models import YOLOv3
 from detector.module import DetectorModule
+
+
+def _record(
+    obj: tuple, cls: tuple, box: torch.Tensor, images: torch.Tensor, rows: torch.Tensor, **rest: object
+) -> LossRecord:
+    """A ``LossRecord`` from the tuples a test writes by hand: obj = (logits, targets, weight, loss), cls = (logits, targets, loss)."""
+    return LossRecord(*obj, *cls, box, images, rows, rest["shapes"], rest["strides"], rest["z"])  # type: ignore[arg-type]
 
 
 def _logit(p: list[float]) -> torch.Tensor:
@@ -36,7 +44,7 @@ def _hand_made() -> dict:
 
 def test_counts_and_shares_on_a_hand_made_batch() -> None:
     stats = ImbalanceStats(num_scales=2, bins=10, easy=0.1, max_positives=4)
-    stats.update(**_hand_made())
+    stats.update(_record(**_hand_made()))
     expected = torch.zeros(4, 10, dtype=torch.float64)
     expected[0, 0] = 1  # obj_pos: g = 0.05
     expected[1, 3] = expected[1, 0] = 1  # obj_neg: g = 0.32, 0.02 (the ignored anchor is left out)
@@ -59,19 +67,21 @@ def test_counts_and_shares_on_a_hand_made_batch() -> None:
 def test_weights_positives_per_scale_and_per_image_histogram() -> None:
     stats = ImbalanceStats(num_scales=2, bins=10, easy=0.1, weights=(2.0, 1.0, 0.5), max_positives=2)
     batch = _hand_made()
-    stats.update(**batch)
+    stats.update(_record(**batch))
     # a second batch of two images: positives at rows 0 (scale 0), 3 and 2 (scale 1); image 0 holds two
     obj = tuple(torch.cat([t, t]) for t in batch["obj"])
     cls, box = tuple(torch.cat([t] * 3) for t in batch["cls"]), torch.cat([batch["box"]] * 3)
     stats.update(
-        **{
-            **batch,
-            "obj": obj,
-            "cls": cls,
-            "box": box,
-            "images": torch.tensor([0, 0, 1]),
-            "rows": torch.tensor([0, 3, 2]),
-        }
+        _record(
+            **{
+                **batch,
+                "obj": obj,
+                "cls": cls,
+                "box": box,
+                "images": torch.tensor([0, 0, 1]),
+                "rows": torch.tensor([0, 3, 2]),
+            }
+        )
     )
     assert stats.positives.tolist() == [2.0, 2.0]
     assert stats.images.item() == 3.0
@@ -87,7 +97,9 @@ def test_softmax_gradient_norm() -> None:
     stats = ImbalanceStats(num_scales=1, bins=4, easy=0.15, softmax=True)
     logits = torch.tensor([[math.log(6.0), math.log(3.0), 0.0]])  # softmax = 0.6, 0.3, 0.1
     batch = _hand_made()
-    stats.update(**{**batch, "cls": (logits, torch.tensor([[1.0, 0.0, 0.0]]), torch.ones(1, 3)), "shapes": [(2, 1)]})
+    stats.update(
+        _record(**{**batch, "cls": (logits, torch.tensor([[1.0, 0.0, 0.0]]), torch.ones(1, 3)), "shapes": [(2, 1)]})
+    )
     assert stats.counts[2].tolist() == [0, 1, 0, 0]  # g = 0.4
     assert stats.counts[3].tolist() == [1, 1, 0, 0]  # g = 0.3, 0.1
     assert stats.loss[3].tolist() == pytest.approx([0.5, 0.5])  # 0.1 is easy (< 0.15), 0.3 hard
@@ -108,15 +120,17 @@ def test_hook_hands_the_elements_that_make_the_loss() -> None:
     images, targets = _batch(0)
     outputs = model(images)
     plain = loss(outputs, targets, model.anchors, model.strides)
-    seen = {}
-    loss.recorder = seen.update
+    seen: list[LossRecord] = []
+    loss.recorder = seen.append
     out = loss(outputs, targets, model.anchors, model.strides)
-    assert torch.equal(out["loss"], plain["loss"])
-    z = seen["z"]  # (objectness, classification, box)
-    torch.testing.assert_close(2.0 * seen["obj"][3].sum() / z[0], out["loss_obj"])
-    torch.testing.assert_close(seen["cls"][2].sum() / z[1], out["loss_cls"])
-    torch.testing.assert_close(seen["box"].sum() / z[2], out["loss_box"])
-    assert len(seen["rows"]) == int(out["num_pos"]) and not seen["obj"][0].requires_grad
+    assert torch.equal(out["loss"], plain["loss"]) and len(seen) == 1
+    rec = seen[0]
+    z = rec.z  # (objectness, classification, box)
+    torch.testing.assert_close(2.0 * rec.obj_loss.sum() / z[0], out["loss_obj"])
+    torch.testing.assert_close(rec.cls_loss.sum() / z[1], out["loss_cls"])
+    torch.testing.assert_close(rec.box_loss.sum() / z[2], out["loss_box"])
+    assert len(rec.anchor_idx) == len(rec.img_idx) == int(out["num_pos"]) and not rec.obj_logits.requires_grad
+    assert rec.obj_loss.shape == rec.obj_weight.shape == rec.obj_logits.shape  # (B, N)
 
 
 class _Batches(L.LightningDataModule):

@@ -12,8 +12,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from helpers import free_port
 
+from detector.distributed import all_reduce_sum
 from detector.losses import BCE, CARL, GHMC, ISR, BoxSet, GIoULoss, SampleInfo
-from detector.ops.dist import all_reduce_sum
 
 WORLD = 2
 IMAGES, ROWS_PER_IMAGE = 4, 9  # uneven: rank 0 holds images 0-2, rank 1 image 3

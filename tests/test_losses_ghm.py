@@ -175,14 +175,15 @@ def test_ghm_recipe_equals_the_papers_loss_sum_over_tot():
         xy = torch.rand(2, 6, 2, generator=g) * 80
         boxes = torch.cat([xy, xy + 8 + torch.rand(2, 6, 2, generator=g) * 40], -1)
         targets = [{"boxes": b, "labels": torch.randint(0, 4, (6,), generator=g)} for b in boxes]
-        seen: dict = {}
-        loss_fn.recorder = seen.update
+        seen: list = []
+        loss_fn.recorder = seen.append
         out = loss_fn(outs, targets, anchors, [8, 16, 32])
-        logits, obj_t, obj_w, _ = seen["obj"]
+        rec = seen[0]
+        logits, obj_t, obj_w = rec.obj_logits, rec.obj_targets, rec.obj_weight
         tot = max((obj_w > 0).sum().item(), 1.0)
         ref_obj = ghmc_reference(logits.reshape(-1, 1), obj_t.reshape(-1, 1), obj_w.reshape(-1, 1), acc_obj).sum() / tot
         assert 0 < tot < obj_w.numel()  # the ignore mask is active: tot is not the number of anchors
         assert out["loss_obj"].item() / ref_obj.item() == pytest.approx(1.0, rel=1e-5)
-        c_logits, c_t, _ = seen["cls"]
+        c_logits, c_t = rec.cls_logits, rec.cls_targets
         ref_cls = ghmc_reference(c_logits, c_t, torch.ones_like(c_t), acc_cls).sum() / c_t.numel()
         assert out["loss_cls"].item() / ref_cls.item() == pytest.approx(1.0, rel=1e-5)

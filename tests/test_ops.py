@@ -115,19 +115,3 @@ def test_assignment_with_iou_thresh_adds_every_anchor_above_it() -> None:
     assert g.tolist() == [0, 0, 0, 0] and b.tolist() == [0, 0, 0, 0]
     b, r, g = assign(gt, ANCHORS, STRIDES, SHAPES, iou_thresh=0.9)  # only the best survives
     assert r.tolist() == [3492]
-
-
-def test_head_and_classes_matches_plain_indexing_and_its_gradient() -> None:
-    from detector.ops.boxes import flatten_outputs
-    from detector.ops.gather import head_and_classes
-
-    outs = [torch.randn(2, 3, h, w, 9, requires_grad=True) for h, w in SHAPES]
-    rows, batch = torch.tensor([6155, 3492, 10, 4866]), torch.tensor([1, 0, 1, 0])
-    head, cls = head_and_classes(outs, rows, batch)
-    raw = flatten_outputs(outs)
-    assert torch.equal(head, raw[..., :5]) and torch.equal(cls, raw[batch, rows, 5:])
-    wh, wc = torch.randn_like(head), torch.randn_like(cls)
-    ours = torch.autograd.grad((head * wh).sum() + (cls * wc).sum(), outs)
-    ref = torch.autograd.grad((raw[..., :5] * wh).sum() + (raw[batch, rows, 5:] * wc).sum(), outs)
-    for a, b in zip(ours, ref):
-        assert torch.equal(a, b)

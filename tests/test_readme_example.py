@@ -1,9 +1,10 @@
-"""README "Make it yours": the worked example (a new classification loss) works exactly as written.
+"""docs/extending.md: the worked example (a new classification loss) works exactly as written.
 
-The section is read from README.md (``## Make it yours``). Every fenced code block whose first line is ``# <path>`` (e.g.
-``# detector/losses/poly.py``) is an example file. A "fork" is built in tmp_path: a copy of
-``detector/`` and ``configs/`` plus the example files; the example's own test runs there under
-pytest, and the README's ablation command runs there (two seeds, tiny data, 1 epoch, W&B offline).
+Every fenced code block of the page whose first line is ``# <path>`` (e.g. ``# detector/losses/poly.py``)
+is an example file. A "fork" is built in tmp_path: a copy of ``detector/`` and ``configs/`` plus the
+example files; the example's own test runs there under pytest, and the page's ablation command runs
+there (two seeds, tiny data, 1 epoch, W&B offline). The dataset reader of docs/extending.md, given as
+a whole file, is built and run too (the backbone guide of docs/models.md: tests/test_models_guide.py).
 """
 
 import importlib.util
@@ -27,7 +28,7 @@ import yaml
 from detector.losses import ClassificationLoss
 
 ROOT = Path(__file__).resolve().parents[1]
-HEADING = "## Make it yours"
+PAGE = ROOT / "docs" / "extending.md"  # the worked example
 LOSS, RECIPE, TEST = "detector/losses/poly.py", "configs/losses/poly.yaml", "tests/test_poly.py"
 TINY = [
     "--data.embedded.num_train", "4", "--data.embedded.num_val", "2", "--data.image_size", "64",
@@ -38,12 +39,10 @@ TINY = [
 ]  # fmt: skip
 
 
-def section() -> str:
-    """The ``## Make it yours`` section of README.md, up to the next ``## `` heading."""
-    readme = (ROOT / "README.md").read_text()
-    assert HEADING in readme, f"README.md lacks the section {HEADING!r}"
-    body = readme.split(HEADING, 1)[1]
-    return HEADING + re.split(r"\n## ", body, maxsplit=1)[0]
+def page_text(page: Path = PAGE) -> str:
+    """The text of a docs page that holds example files."""
+    assert page.is_file(), f"{page.relative_to(ROOT)} is missing"
+    return page.read_text()
 
 
 def example_files(text: str) -> dict[str, str]:
@@ -57,15 +56,15 @@ def example_files(text: str) -> dict[str, str]:
 
 
 def commands(text: str, program: str) -> list[list[str]]:
-    """Shell lines of the section's bash blocks that start with ``program``, split into words."""
+    """Shell lines of the page's bash blocks that start with ``program``, split into words."""
     blocks = re.findall(r"^```bash\n(.*?)^```", text, flags=re.DOTALL | re.MULTILINE)
     return [shlex.split(line, comments=True) for b in blocks for line in b.splitlines() if line.startswith(program)]
 
 
 @pytest.fixture(scope="module")
 def files() -> dict[str, str]:
-    found = example_files(section())
-    assert {LOSS, RECIPE, TEST} <= set(found), f"example files missing from the README section: {sorted(found)}"
+    found = example_files(page_text())
+    assert {LOSS, RECIPE, TEST} <= set(found), f"example files missing from {PAGE.relative_to(ROOT)}: {sorted(found)}"
     return found
 
 
@@ -147,17 +146,17 @@ def test_example_test_passes_under_pytest(fork: Path, files: dict[str, str]) -> 
 
 
 def test_ablation_command_runs_and_logs_to_wandb(fork: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The README's ``python -m detector.ablate`` line, run in the fork with two of its seeds and
+    """The page's ``python -m detector.ablate`` line, run in the fork with two of its seeds and
     ``--jobs 2`` (tiny data, 1 epoch, W&B offline). Each fit is a ``python -m detector.ablate --task``
     process started in the fork, so it imports the fork's package, ``detector/losses/poly.py`` included."""
     from detector import ablate
 
-    cmd = next(c for c in commands(section(), "python -m detector.ablate") if RECIPE in c)
+    cmd = next(c for c in commands(page_text(), "python -m detector.ablate") if RECIPE in c)
     group = cmd[cmd.index("--group") + 1]
     args = cmd[3:]
     at = args.index("--seeds") + 1
     n_seeds = next((i for i, a in enumerate(args[at:]) if not a.isdigit()), len(args) - at)
-    assert n_seeds >= 3, f"the README's ablation should use at least 3 seeds: {shlex.join(cmd)}"
+    assert n_seeds >= 3, f"the example's ablation should use at least 3 seeds: {shlex.join(cmd)}"
     args[at : at + n_seeds] = ["0", "1"]
     monkeypatch.chdir(fork)
     extra = [*([] if "--" in args else ["--"]), *TINY, "--trainer.num_sanity_val_steps", "0"]
@@ -183,17 +182,11 @@ def test_ablation_command_runs_and_logs_to_wandb(fork: Path, monkeypatch: pytest
 
 
 def test_other_example_files(files: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The backbone and the dataset reader of the section, where they are given as whole files."""
-    if "detector/models/resnet.py" in files:
-        (tmp_path / "resnet.py").write_text(files["detector/models/resnet.py"])
-        resnet = load_module("detector.models.resnet", tmp_path / "resnet.py", monkeypatch)
-        net = resnet.ResNet18().eval()
-        feats = net(torch.rand(1, 3, 64, 96))
-        expected = [(1, c, 64 // s, 96 // s) for c, s in zip(net.out_channels, (8, 16, 32))]
-        assert [tuple(f.shape) for f in feats] == expected
-    if "detector/data/csv_boxes.py" in files:
-        (tmp_path / "csv_boxes.py").write_text(files["detector/data/csv_boxes.py"])
-        reader = load_module("detector.data.csv_boxes", tmp_path / "csv_boxes.py", monkeypatch)
+    """The dataset reader (docs/extending.md), given as a whole file."""
+    assert "detector/data/readers/csv_boxes.py" in files, sorted(files)
+    if "detector/data/readers/csv_boxes.py" in files:
+        (tmp_path / "csv_boxes.py").write_text(files["detector/data/readers/csv_boxes.py"])
+        reader = load_module("detector.data.readers.csv_boxes", tmp_path / "csv_boxes.py", monkeypatch)
         (tmp_path / "images").mkdir()
         for name in ("7.png", "3.png"):
             cv2.imwrite(str(tmp_path / "images" / name), np.zeros((40, 60, 3), np.uint8))

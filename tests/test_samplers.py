@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from detector.data import DetectionDataModule, ShapesConfig
-from detector.data.samplers import ItemKey, TrainSampler, eval_sampler, item_rng
+from detector.data.pipeline.samplers import ItemKey, TrainSampler, eval_sampler, item_rng
 
 TINY = ShapesConfig(num_train=10, num_val=3, seed=2, min_size=64, max_size=96)
 

@@ -18,16 +18,16 @@ from detector.data import (
     ShapesConfig,
     train_transforms,
 )
-from detector.data.cache import CachedImages
-from detector.data.samplers import ItemKey
-from detector.data.transforms import (
-    STRIDE,
+from detector.data.pipeline.cache import CachedImages
+from detector.data.pipeline.samplers import ItemKey
+from detector.data.pipeline.transforms import (
     apply,
     mosaic_transforms,
     random_batch_size,
     resize_batch,
     val_transforms,
 )
+from detector.structures import MAX_STRIDE
 
 SIZE = 128
 SMALL = ShapesConfig(num_train=8, num_val=4, seed=1, min_size=96, max_size=160)
@@ -137,7 +137,7 @@ def test_multi_scale_hook_resizes_training_batches_only(shapes_root):
         dm.trainer = SimpleNamespace(training=True, global_step=step)
         images, targets = dm.on_after_batch_transfer(batch, 0)
         size = random_batch_size(dm._seed, step, 64, 160)
-        assert images.shape[-2:] == (size, size) and size % STRIDE == 0
+        assert images.shape[-2:] == (size, size) and size % MAX_STRIDE == 0
         assert torch.allclose(targets[0]["boxes"], batch[1][0]["boxes"] * size / SIZE)
     dm.trainer = SimpleNamespace(training=False, global_step=0)
     assert dm.on_after_batch_transfer(batch, 0) is batch  # validation keeps image_size

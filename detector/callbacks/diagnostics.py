@@ -1,6 +1,6 @@
 """Imbalance diagnostics: where the loss and the gradient come from, per training epoch (opt-in).
 
-The picture of GHM (Li et al., arXiv 1811.05181, Fig. 1; LOSSES.md §4): for every sigmoid
+The picture of GHM (Li et al., arXiv 1811.05181, Fig. 1; docs/losses.md): for every sigmoid
 element the gradient norm ``g = |p − y|`` (p = σ(x); softmax over the classes for
 ``SoftmaxCrossEntropy``, whose gradient is ``softmax(x) − y``). Easy elements (g small) are
 the vast majority, most of them negatives; focal loss and GHM-C shrink their share.
@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..loggers import log_to_wandb, wandb_run
 from ..losses.classification import SoftmaxCrossEntropy
-from ..losses.yolo_loss import YOLOLoss
+from ..losses.yolo_loss import LossRecord, YOLOLoss
 
 SPLITS = ("obj_pos", "obj_neg", "cls_pos", "cls_neg")  # element kind x target (y ≥ 0.5 is positive)
 
@@ -65,35 +65,26 @@ class ImbalanceStats:
         self.box, self.positives, self.images, self.per_image = parts[2:]
 
     @torch.no_grad()
-    def update(
-        self,
-        obj: tuple[Tensor, Tensor, Tensor, Tensor],
-        cls: tuple[Tensor, Tensor, Tensor],
-        box: Tensor,
-        images: Tensor,
-        rows: Tensor,
-        shapes: list[tuple[int, int]],
-        strides: list[int],
-        z: Tensor,
-    ) -> None:
-        """Add one batch; the arguments are ``YOLOLoss.recorder``'s (see its docstring)."""
+    def update(self, record: LossRecord) -> None:
+        """Add one batch: a ``YOLOLoss.recorder`` record."""
         w_obj, w_cls, w_box = self.weights
-        z_obj, z_cls, z_box = z.expand(3)  # one normaliser per component (a scalar: the same for all)
-        logit, target, weight, loss = obj  # (B, N) each
-        self._add(0, logit.sigmoid(), target, loss * (w_obj / z_obj), weight > 0)
-        c_logit, c_target, c_loss = cls  # (P, C) each
+        z_obj, z_cls, z_box = record.z.expand(3)  # one normaliser per component (a scalar: the same for all)
+        obj_weight = record.obj_weight  # (B, N)
+        self._add(0, record.obj_logits.sigmoid(), record.obj_targets, record.obj_loss * (w_obj / z_obj), obj_weight > 0)
+        c_logit = record.cls_logits  # (P, C)
         p = c_logit.float().softmax(1) if self.softmax else c_logit.sigmoid()
-        self._add(2, p, c_target, c_loss * (w_cls / z_cls), None)
-        self.box += box.sum() * (w_box / z_box)
-        # positives: the scale of each row (rows are ordered scale, anchor, y, x), and how many each image holds
-        cells = [h * w for h, w in shapes]
-        anchors = logit.shape[1] // sum(cells)
+        self._add(2, p, record.cls_targets, record.cls_loss * (w_cls / z_cls), None)
+        self.box += record.box_loss.sum() * (w_box / z_box)
+        # positives: the scale of each anchor row (rows are ordered scale, anchor, y, x), and how many each image holds
+        rows, n_img = record.anchor_idx, obj_weight.shape[0]
+        cells = [h * w for h, w in record.shapes]
+        anchors = obj_weight.shape[1] // sum(cells)
         ends = torch.tensor(cells, device=rows.device).cumsum(0) * anchors  # (S,) last row + 1 of each scale
         scale = torch.bucketize(rows, ends, right=True)  # (P,)
-        self.positives += torch.bincount(scale, minlength=len(shapes))
-        per_image = torch.bincount(images, minlength=logit.shape[0]).clamp_(max=len(self.per_image) - 1)
+        self.positives += torch.bincount(scale, minlength=len(record.shapes))
+        per_image = torch.bincount(record.img_idx, minlength=n_img).clamp_(max=len(self.per_image) - 1)
         self.per_image += torch.bincount(per_image, minlength=len(self.per_image))
-        self.images += logit.shape[0]
+        self.images += n_img
 
     def _add(self, first: int, p: Tensor, y: Tensor, loss: Tensor, valid: Tensor | None) -> None:
         """Bin the elements of splits ``first`` (y ≥ 0.5) and ``first + 1`` (y < 0.5); one bincount each."""
@@ -172,21 +163,16 @@ class ImbalanceDiagnostics(L.Callback):
                 f"ImbalanceDiagnostics needs a YOLOLoss inside the LightningModule; {type(pl_module).__name__} has none"
             )
 
-    def _record(self, **kwargs: Any) -> None:
+    def _record(self, record: LossRecord) -> None:
         if self.stats is None:
             assert self._loss is not None
             softmax = isinstance(self._loss.classification, SoftmaxCrossEntropy)
+            device = record.box_loss.device
             self.stats = ImbalanceStats(
-                len(kwargs["shapes"]),
-                self.bins,
-                self.easy,
-                self._loss.weights,
-                softmax,
-                self.max_positives,
-                kwargs["box"].device,
+                len(record.shapes), self.bins, self.easy, self._loss.weights, softmax, self.max_positives, device
             )
-        self._strides = list(kwargs["strides"])
-        self.stats.update(**kwargs)
+        self._strides = list(record.strides)
+        self.stats.update(record)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Drop last epoch's sums; the first recorded batch allocates fresh :class:`ImbalanceStats`."""

@@ -10,6 +10,8 @@ import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor as _LearningRateMonitor
 from lightning.pytorch.callbacks import ThroughputMonitor as _ThroughputMonitor
 
+from ..structures import Target
+
 
 class LearningRateMonitor(_LearningRateMonitor):
     """Lightning's ``LearningRateMonitor`` that stands aside when the run has no logger
@@ -21,7 +23,7 @@ class LearningRateMonitor(_LearningRateMonitor):
             super().on_train_start(trainer, *args, **kwargs)
 
 
-def images_in_batch(batch: tuple[Any, list[dict[str, Any]]]) -> int:
+def images_in_batch(batch: tuple[Any, list[Target]]) -> int:
     """Number of images B of a detection batch ``(images [B, 3, S, S], targets)``."""
     return len(batch[0])
 

@@ -13,7 +13,7 @@ import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
-from detector.data.folder import ImageFolder
+from detector.data.readers.folder import ImageFolder
 
 
 class CocoPredictionWriter(BasePredictionWriter):

@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from ..loggers import log_to_wandb, wandb_run
+from ..structures import Target
 
 
 def box_data(
@@ -35,7 +36,7 @@ def box_data(
 
 
 def wandb_image(
-    image: Tensor, class_names: list[str], target: dict[str, Tensor] | None = None, det: dict[str, Tensor] | None = None
+    image: Tensor, class_names: list[str], target: Target | None = None, det: dict[str, Tensor] | None = None
 ) -> Any:
     """``wandb.Image`` of ``image [3, H, W]`` (float in 0..1, or uint8) with ``ground_truth`` (target ``boxes``/``labels``)
     and ``predictions`` (det ``boxes``/``labels``/``scores``) box layers, both in the image's pixels."""
@@ -90,7 +91,7 @@ class WandbDetectionImages(L.Callback):
             raise ValueError("num_images, train_batches and max_train_images must be >= 0 and min_score in [0, 1]")
         self.num_images, self.train_batches = num_images, train_batches
         self.max_train_images, self.min_score = max_train_images, min_score
-        self._val_batch: tuple[Tensor, list[dict[str, Tensor]]] | None = None
+        self._val_batch: tuple[Tensor, list[Target]] | None = None
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
@@ -129,7 +130,7 @@ class WandbDetectionImages(L.Callback):
             trainer, {"val/examples": [wandb_image(im, names, t, d) for im, t, d in zip(images, targets, dets)]}
         )
 
-    def _fixed_batch(self, trainer: L.Trainer) -> tuple[Tensor, list[dict[str, Tensor]]] | None:
+    def _fixed_batch(self, trainer: L.Trainer) -> tuple[Tensor, list[Target]] | None:
         """The chosen validation images, collated once by the validation loader's own ``collate_fn``
         (None without a validation loader)."""
         if self._val_batch is None:

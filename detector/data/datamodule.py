@@ -1,9 +1,9 @@
 """The LightningDataModule: COCO, YOLO or VOC files (or the embedded shapes set) -> batches.
 
-Batches follow ``detector.data.collate`` (images float32 (B, 3, S, S) in [0, 1], targets a
-list of dicts with boxes/labels/image_id/orig_size/letterbox). Class names, category ids
-and the number of classes are known right after ``__init__`` (read from the training
-annotation file, or given, e.g. from a checkpoint), so a LightningCLI can link them into the model.
+Batches follow ``detector.data.pipeline.collate`` (images float32 (B, 3, S, S) in [0, 1], targets a
+list of ``detector.structures.Target``). Class names and category ids are known right after
+``__init__`` (read from the training annotation file, or given, e.g. from a checkpoint), so the
+CLI links them into the model (``model.class_names``, ``model.category_ids``).
 """
 
 from __future__ import annotations
@@ -15,37 +15,22 @@ import albumentations as A
 import cv2
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
-from detector.data.base import DetectionSource
-from detector.data.cache import CachedImages
-from detector.data.checks import Verify
-from detector.data.collate import collate
-from detector.data.dataset import TransformedDataset
-from detector.data.folder import ImageFolder
-from detector.data.formats import Format, open_dataset
-from detector.data.mosaic import MosaicTiler
-from detector.data.samplers import (
-    ResumableDataLoader,
-    TrainSampler,
-    eval_sampler,
-    global_seed,
-    world,
-)
+from detector.data.pipeline.dataset import TransformedDataset, evaluation_set, training_set
+from detector.data.pipeline.mosaic import check_mosaic, mosaic_epochs
+from detector.data.pipeline.samplers import ResumableDataLoader, check_loader_args, detection_loader, global_seed, world
+from detector.data.pipeline.transforms import augment_config, check_multi_scale, random_batch_size, resize_batch
+from detector.data.readers.base import DetectionSource
+from detector.data.readers.checks import Verify
+from detector.data.readers.folder import ImageFolder
+from detector.data.readers.formats import Format, open_dataset
 from detector.data.shapes import ShapesConfig, ensure_shapes
-from detector.data.transforms import (
-    augment_hparams,
-    check_augment,
-    mosaic_transforms,
-    random_batch_size,
-    resize_batch,
-    train_transforms,
-    val_transforms,
-)
+from detector.structures import check_image_size
 
 
 class DetectionDataModule(L.LightningDataModule):
-    """Detection data in COCO JSON, YOLO txt or Pascal VOC layout (``detector.data.formats``);
+    """Detection data in COCO JSON, YOLO txt or Pascal VOC layout (``detector.data.readers.formats``);
     relative paths are resolved against ``root``. Class names come from the training split.
 
     Args:
@@ -62,7 +47,7 @@ class DetectionDataModule(L.LightningDataModule):
             it, so predicting on ``predict_images`` reads neither the dataset nor ``root``.
         keep_difficult: VOC: keep objects marked difficult (default: left out, as mmdetection).
         strict: bad input (missing/corrupt images, broken boxes, …) raises instead of being skipped
-            and counted in one warning (``detector.data.checks``).
+            and counted in one warning (``detector.data.readers.checks``).
         verify: "header" (cheap checks) or "decode" (decode every image once at start).
         embedded: generate the built-in shapes dataset into ``root`` with this config.
         image_size: square model input side (letterboxed), a multiple of 32.
@@ -78,11 +63,11 @@ class DetectionDataModule(L.LightningDataModule):
         multi_scale: ``[low, high]``: each training batch is resized on device to a random multiple
             of 32 in this range (drawn from ``(seed, step)``); ``None`` = always ``image_size``.
         cache: decode every train/val image once into RAM, resized to ``image_size`` (see
-            ``detector.data.cache`` for the memory it takes).
-        seed: seed of the training order and augmentation (``detector.data.samplers``); ``None`` =
+            ``detector.data.pipeline.cache`` for the memory it takes).
+        seed: seed of the training order and augmentation (``detector.data.pipeline.samplers``); ``None`` =
             the global seed of ``seed_everything`` (the CLI's ``seed_everything``), read at ``setup``.
-        predict_images: ``predict`` on this folder of images (jpg/png/bmp/webp, absolute or relative
-            to the working directory) instead of the test split; ``None`` = the test split.
+        predict_images: ``predict`` on this folder of images (suffixes: ``readers.base.IMAGE_SUFFIXES``;
+            absolute or relative to the working directory) instead of the test split; ``None`` = the test split.
 
     Training data is a pure function of (seed, epoch), resumable mid-epoch: ``state_dict`` records
     how many batches of which epoch the training loader has handed out, ``load_state_dict`` makes
@@ -124,12 +109,12 @@ class DetectionDataModule(L.LightningDataModule):
         super().__init__()
         # class_names/category_ids: the model logs the resolved mapping; a None here would clash
         self.save_hyperparameters(ignore=["class_names", "category_ids", "augment"])
-        _check_args(image_size, batch_size, num_workers)
-        _check_augment_args(mosaic, close_mosaic, multi_scale)
-        if augment is not None:
-            check_augment(augment)
+        check_image_size(image_size)
+        check_loader_args(batch_size, num_workers)
+        check_mosaic(mosaic, close_mosaic)
+        self.multi_scale = check_multi_scale(multi_scale)
+        self.hparams["augment"] = augment_config(augment)  # plain data: checkpoints load with weights_only
         self.augment = augment
-        self.hparams["augment"] = augment_hparams(augment)  # plain data: checkpoints load with weights_only
         # Single-threaded OpenCV, set before any worker is forked: loader processes must not crowd the
         # training threads, and a forked child of a process with a live cv2 thread pool can deadlock.
         cv2.setNumThreads(1)
@@ -149,7 +134,6 @@ class DetectionDataModule(L.LightningDataModule):
         self.image_size, self.batch_size = image_size, batch_size
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.mosaic, self.close_mosaic, self.cache = mosaic, close_mosaic, cache
-        self.multi_scale = tuple(multi_scale) if multi_scale is not None else None
         self._train_base: DetectionSource | None = None
         if category_ids is None:  # the training split defines the classes
             self._train_base = self._open("train", class_names=class_names)
@@ -218,15 +202,11 @@ class DetectionDataModule(L.LightningDataModule):
         )
 
     def _split(self, split: str) -> TransformedDataset:
-        size = self.image_size
         if split == "train":
-            train = self._train_source()
-            base = CachedImages(train, size) if self.cache else train
-            aug = self.augment
-            mosaic = MosaicTiler(mosaic_transforms(size, augment=aug), self.mosaic) if self.mosaic > 0 else None
-            return TransformedDataset(base, train_transforms(size, augment=aug), size, mosaic=mosaic, seed=self._seed)
+            train, aug = self._train_source(), self.augment
+            return training_set(train, self.image_size, aug, self.mosaic, self.cache, self._seed)
         base = self._open(split, category_ids=self.category_ids, class_names=self.class_names)
-        return TransformedDataset(CachedImages(base, size) if self.cache else base, val_transforms(size), size)
+        return evaluation_set(base, self.image_size, self.cache)
 
     def setup(self, stage: str | None = None) -> None:
         """Build the datasets of ``stage`` (all for ``None``), once each, and fix the training seed."""
@@ -242,29 +222,15 @@ class DetectionDataModule(L.LightningDataModule):
         ):
             self.test_set = self._split("test")
         if stage in ("predict", None) and self.predict_images is not None and self.predict_set is None:
-            folder = ImageFolder(self.predict_images)
-            self.predict_set = TransformedDataset(folder, val_transforms(self.image_size), self.image_size)
+            self.predict_set = evaluation_set(ImageFolder(self.predict_images), self.image_size)
 
     def _loader(self, dataset: TransformedDataset | None, train: bool = False) -> DataLoader:
         """Training: ``TrainSampler`` order, resumable; else every image once, in order (a share per rank)."""
         if dataset is None:
             raise RuntimeError("DetectionDataModule: call setup() for this stage before asking for its dataloader")
-        num_replicas, rank = world(self.trainer)
-        sampler: DistributedSampler
-        if train:
-            sampler = TrainSampler(dataset, num_replicas, rank, seed=self._seed, epoch=self._start_epoch())
-        else:
-            sampler = eval_sampler(dataset, num_replicas, rank)
-        return (ResumableDataLoader if train else DataLoader)(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            drop_last=False,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-            collate_fn=collate,
-        )
+        epoch = self._start_epoch() if train else 0
+        args = (self.batch_size, self.num_workers, self.pin_memory)
+        return detection_loader(dataset, world(self.trainer), *args, train=train, seed=self._seed, epoch=epoch)
 
     def train_dataloader(self) -> DataLoader:
         """The resumable training loader (``TrainSampler`` order), continuing a checkpointed run where it stopped."""
@@ -305,9 +271,7 @@ class DetectionDataModule(L.LightningDataModule):
         if tiler is None or not self.close_mosaic:
             return
         max_epochs = self.trainer.max_epochs if self.trainer is not None else None
-        if max_epochs is None or max_epochs < 0:
-            raise ValueError("close_mosaic needs a finite trainer.max_epochs (set it, or set data.close_mosaic: 0)")
-        tiler.mosaic_epochs = max(max_epochs - self.close_mosaic, 0)
+        tiler.mosaic_epochs = mosaic_epochs(max_epochs, self.close_mosaic)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Multi-scale training: resize each training batch (on its device) to a random size (see ``multi_scale``)."""
@@ -329,25 +293,3 @@ class DetectionDataModule(L.LightningDataModule):
         """The ``predict_images`` folder when set, else the test split (the validation split unless
         ``test_*`` are set), in order."""
         return self._loader(self.predict_set if self.predict_images is not None else self.test_set)
-
-
-def _check_args(image_size: int, batch_size: int, num_workers: int) -> None:
-    if image_size <= 0 or image_size % 32:
-        raise ValueError(f"image_size must be a positive multiple of 32 (the largest stride), got {image_size}")
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be > 0, got {batch_size}")
-    if num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-
-
-def _check_augment_args(mosaic: float, close_mosaic: int, multi_scale: tuple[int, int] | None) -> None:
-    if not 0.0 <= mosaic <= 1.0:
-        raise ValueError(f"mosaic is a probability and must be in [0, 1], got {mosaic}")
-    if close_mosaic < 0:
-        raise ValueError(f"close_mosaic must be >= 0 (epochs at the end without mosaic), got {close_mosaic}")
-    if multi_scale is not None:
-        low, high = multi_scale
-        if not 32 <= low <= high or high // 32 * 32 < low:
-            raise ValueError(
-                f"multi_scale must be [low, high] with 32 <= low <= high spanning a multiple of 32, got {list(multi_scale)}"
-            )

@@ -18,6 +18,22 @@ from typing import NamedTuple
 from torch import Tensor, nn
 
 
+def check_shapes(logits: Tensor, targets: Tensor, weight: Tensor | None) -> None:
+    """A ``ValueError`` unless ``logits`` is ``[N, C]``, ``targets`` the same shape and ``weight`` None or that shape."""
+    if logits.dim() != 2 or targets.shape != logits.shape:
+        raise ValueError(
+            f"expected logits and targets of the same shape [N, C], got {tuple(logits.shape)} "
+            f"and {tuple(targets.shape)}"
+        )
+    if weight is not None and weight.shape != logits.shape:
+        raise ValueError(f"weight must be [N, C] = {tuple(logits.shape)}, got {tuple(weight.shape)}")
+
+
+def weighted(loss: Tensor, weight: Tensor | None) -> Tensor:
+    """``loss · weight`` elementwise, or ``loss`` when ``weight`` is None."""
+    return loss if weight is None else loss * weight
+
+
 class BoxSet(NamedTuple):
     """Boxes of N matched anchors in two codings.
 

@@ -10,27 +10,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import sigmoid_focal_loss
 
-from .base import ClassificationLoss, SampleInfo
+from .base import ClassificationLoss, SampleInfo, check_shapes, weighted
 
 
 def _check_smoothing(label_smoothing: float) -> float:
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     return float(label_smoothing)
-
-
-def _check_shapes(logits: Tensor, targets: Tensor, weight: Tensor | None) -> None:
-    if logits.dim() != 2 or targets.shape != logits.shape:
-        raise ValueError(
-            f"expected logits and targets of the same shape [N, C], got {tuple(logits.shape)} "
-            f"and {tuple(targets.shape)}"
-        )
-    if weight is not None and weight.shape != logits.shape:
-        raise ValueError(f"weight must be [N, C] = {tuple(logits.shape)}, got {tuple(weight.shape)}")
-
-
-def _weighted(loss: Tensor, weight: Tensor | None) -> Tensor:
-    return loss if weight is None else loss * weight
 
 
 class BCE(ClassificationLoss):
@@ -51,12 +37,12 @@ class BCE(ClassificationLoss):
         self, logits: Tensor, targets: Tensor, weight: Tensor | None = None, info: SampleInfo | None = None
     ) -> Tensor:
         """``logits [N, C]``, ``targets [N, C]`` -> elementwise BCE ``[N, C]`` on smoothed targets, times ``weight``."""
-        _check_shapes(logits, targets, weight)
+        check_shapes(logits, targets, weight)
         eps = self.label_smoothing
         targets = targets.to(logits.dtype)
         if eps > 0:
             targets = targets * (1.0 - eps) + eps / 2.0
-        return _weighted(F.binary_cross_entropy_with_logits(logits, targets, reduction="none"), weight)
+        return weighted(F.binary_cross_entropy_with_logits(logits, targets, reduction="none"), weight)
 
     def extra_repr(self) -> str:
         """``label_smoothing`` for ``print(module)``."""
@@ -82,12 +68,12 @@ class SoftmaxCrossEntropy(ClassificationLoss):
         self, logits: Tensor, targets: Tensor, weight: Tensor | None = None, info: SampleInfo | None = None
     ) -> Tensor:
         """``logits [N, C]``, ``targets [N, C]`` -> ``−y_i log softmax(x)_i`` ``[N, C]`` (smoothed y) x ``weight``."""
-        _check_shapes(logits, targets, weight)
+        check_shapes(logits, targets, weight)
         eps = self.label_smoothing
         targets = targets.to(logits.dtype)
         if eps > 0:
             targets = targets * (1.0 - eps) + eps / logits.shape[1]
-        return _weighted(-targets * F.log_softmax(logits, dim=1), weight)
+        return weighted(-targets * F.log_softmax(logits, dim=1), weight)
 
     def extra_repr(self) -> str:
         """``label_smoothing`` for ``print(module)``."""
@@ -119,10 +105,10 @@ class FocalLoss(ClassificationLoss):
         self, logits: Tensor, targets: Tensor, weight: Tensor | None = None, info: SampleInfo | None = None
     ) -> Tensor:
         """``logits [N, C]``, ``targets [N, C]`` -> elementwise focal loss ``[N, C]``, times ``weight``."""
-        _check_shapes(logits, targets, weight)
+        check_shapes(logits, targets, weight)
         alpha = -1.0 if self.alpha is None else self.alpha  # torchvision: alpha < 0 -> no weighting
         loss = sigmoid_focal_loss(logits, targets.to(logits.dtype), alpha=alpha, gamma=self.gamma, reduction="none")
-        return _weighted(loss, weight)
+        return weighted(loss, weight)
 
     def extra_repr(self) -> str:
         """``alpha`` and ``gamma`` for ``print(module)``."""

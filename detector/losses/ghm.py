@@ -6,9 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..ops.dist import all_reduce_sum
-from .base import ClassificationLoss, SampleInfo
-from .classification import _check_shapes
+from ..distributed import all_reduce_sum
+from .base import ClassificationLoss, SampleInfo, check_shapes
 
 
 class GHMC(ClassificationLoss):
@@ -88,7 +87,7 @@ class GHMC(ClassificationLoss):
         self, logits: Tensor, targets: Tensor, weight: Tensor | None = None, info: SampleInfo | None = None
     ) -> Tensor:
         """``logits [N, C]``, ``targets [N, C]`` -> BCE ``[N, C]`` x harmonizing weights (no grad) x ``weight``."""
-        _check_shapes(logits, targets, weight)
+        check_shapes(logits, targets, weight)
         w = self.harmonizing_weights(logits, targets, weight).to(logits.dtype)  # (N, C), no grad
         if weight is not None:
             w = w.mul_(weight)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import ClassificationLoss, SampleInfo
-from .classification import BCE, _check_shapes, _weighted
+from .base import ClassificationLoss, SampleInfo, check_shapes, weighted
+from .classification import BCE
 
 
 class BCEObjectness(BCE):
@@ -35,5 +35,5 @@ class MSEObjectness(ClassificationLoss):
         self, logits: Tensor, targets: Tensor, weight: Tensor | None = None, info: SampleInfo | None = None
     ) -> Tensor:
         """``logits [N, 1]``, ``targets [N, 1]`` -> ``(σ(x) − y)²`` ``[N, 1]``, times ``weight``."""
-        _check_shapes(logits, targets, weight)
-        return _weighted((torch.sigmoid(logits) - targets.to(logits.dtype)) ** 2, weight)
+        check_shapes(logits, targets, weight)
+        return weighted((torch.sigmoid(logits) - targets.to(logits.dtype)) ** 2, weight)

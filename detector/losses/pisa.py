@@ -11,8 +11,8 @@ import torch
 from torch import Tensor
 from torchvision.ops import batched_nms
 
+from ..distributed import all_gather_cat, all_reduce_sum
 from ..ops.boxes import batched_box_iou
-from ..ops.dist import all_gather_cat, all_reduce_sum
 from .base import BoxLoss, BoxSet, ClassificationLoss, SampleInfo
 
 
@@ -78,34 +78,32 @@ def nms_clusters(boxes: Tensor, scores: Tensor, image_ids: Tensor, iou_thresh: f
 
     The cluster id is the index (into ``boxes``) of the highest-scoring NMS survivor of the same
     image whose IoU with the box exceeds ``iou_thresh`` and whose score is at least the box's own:
-    the head that suppressed it. Survivors head their own cluster. Boxes and heads are laid out
-    per image, padded (``[I, K_max]``, ``[I, H_max]``), so the IoU matrix stays per image; it is
+    the survivor (the cluster's leader) that suppressed it. Survivors lead their own cluster. Boxes and leaders are laid out
+    per image, padded (``[I, K_max]``, ``[I, L_max]``), so the IoU matrix stays per image; it is
     computed in chunks of rows of at most ``IOU_BUDGET`` elements, so memory stays bounded however
     many negatives take part.
     """
     # Dense image index: batched_nms offsets boxes by index × max coordinate, so raw ids (DDP
     # offsets them by rank << 32) would lose the boxes' precision in float32.
     _, img = torch.unique(image_ids, return_inverse=True)  # (K,)
-    heads = batched_nms(boxes, scores, img, iou_thresh)  # (H,) by descending score
+    leaders = batched_nms(boxes, scores, img, iou_thresh)  # (L,) by descending score
     slot, k_max = _slots(img)
-    h_slot, h_max = _slots(img[heads])  # stable: heads stay by descending score in an image
-    n_img, h_img = int(img.max()) + 1, img[heads]
+    l_slot, l_max = _slots(img[leaders])  # stable: leaders stay by descending score in an image
+    n_img, l_img = int(img.max()) + 1, img[leaders]
     box_pad = boxes.new_zeros(n_img, k_max, 4).index_put_((img, slot), boxes)
     score_pad = scores.new_zeros(n_img, k_max).index_put_((img, slot), scores)
-    head_box = boxes.new_zeros(n_img, h_max, 4).index_put_((h_img, h_slot), boxes[heads])
-    head_score = scores.new_full((n_img, h_max), -float("inf")).index_put_((h_img, h_slot), scores[heads])
+    leader_box = boxes.new_zeros(n_img, l_max, 4).index_put_((l_img, l_slot), boxes[leaders])
+    leader_score = scores.new_full((n_img, l_max), -float("inf")).index_put_((l_img, l_slot), scores[leaders])
     first = torch.empty(n_img, k_max, dtype=torch.long, device=boxes.device)  # (I, K_max)
-    step = max(1, IOU_BUDGET // max(n_img * h_max, 1))  # rows per chunk: bounded memory, any K
+    step = max(1, IOU_BUDGET // max(n_img * l_max, 1))  # rows per chunk: bounded memory, any K
     for start in range(0, k_max, step):
         rows = slice(start, start + step)
-        member = batched_box_iou(box_pad[:, rows], head_box) > iou_thresh  # (I, step, H_max)
-        member &= head_score[:, None, :] >= score_pad[:, rows, None]  # padded heads (-inf) never match
-        first[:, rows] = member.to(torch.uint8).argmax(-1)  # first True = highest-scoring head
-    first[h_img, slot[heads]] = (
-        h_slot  # a survivor heads its own cluster (no earlier head overlaps it), even degenerate
-    )
-    head_index = heads.new_zeros(n_img, h_max).index_put_((h_img, h_slot), heads)
-    return head_index[img, first[img, slot]]
+        member = batched_box_iou(box_pad[:, rows], leader_box) > iou_thresh  # (I, step, L_max)
+        member &= leader_score[:, None, :] >= score_pad[:, rows, None]  # padded leaders (-inf) never match
+        first[:, rows] = member.to(torch.uint8).argmax(-1)  # first True = highest-scoring leader
+    first[l_img, slot[leaders]] = l_slot  # a survivor leads its own cluster, even degenerate
+    leader_index = leaders.new_zeros(n_img, l_max).index_put_((l_img, l_slot), leaders)
+    return leader_index[img, first[img, slot]]
 
 
 def score_hlr_weights(

@@ -26,19 +26,21 @@ images and positives are spread over the processes.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import dist
+from .. import distributed as dist
 from ..ops.assign import GroundTruth, assign
-from ..ops.boxes import anchor_grid, batched_box_iou, decode, encode, flatten_outputs
-from ..ops.gather import head_and_classes
+from ..ops.boxes import anchor_grid, batched_box_iou, decode, detection_scores, encode, flatten_outputs
+from ..structures import Target
 from .base import BoxLoss, BoxSet, ClassificationLoss, SampleInfo
 from .box import DarknetBoxLoss
 from .classification import BCE
+from .gather import gather_logits
 from .objectness import BCEObjectness
 
 Normalize = Literal["num_pos", "batch", "num_anchors", "valid"]
@@ -59,6 +61,36 @@ def _normalize_modes(normalize: Normalize | dict[str, Normalize]) -> tuple[str, 
         if mode not in MODES:
             raise ValueError(f"normalize must be one of {MODES} (for {c}), got {mode!r}")
     return modes["objectness"], modes["classification"], modes["box"]
+
+
+@dataclass
+class LossRecord:
+    """One ``YOLOLoss.forward``'s elements, detached, for diagnostics (``YOLOLoss.recorder``).
+
+    N anchors per image over all scales (rows ordered scale, anchor, y, x), P positives, C classes.
+
+    obj_logits, obj_targets, obj_weight, obj_loss: ``[B, N]`` objectness logit, target (0/1),
+        weight (0 at ignored anchors) and unreduced loss of every anchor
+    cls_logits, cls_targets, cls_loss: ``[P, C]`` class logits, one-hot targets, unreduced loss of the positives
+    box_loss:  ``[P]`` unreduced box loss of the positives
+    img_idx, anchor_idx: ``[P]`` image and anchor row of each positive
+    shapes, strides: ``(H_s, W_s)`` and stride per scale
+    z: ``[3]`` the normalisers of (objectness, classification, box)
+    """
+
+    obj_logits: Tensor
+    obj_targets: Tensor
+    obj_weight: Tensor
+    obj_loss: Tensor
+    cls_logits: Tensor
+    cls_targets: Tensor
+    cls_loss: Tensor
+    box_loss: Tensor
+    img_idx: Tensor
+    anchor_idx: Tensor
+    shapes: list[tuple[int, int]]
+    strides: list[int]
+    z: Tensor
 
 
 class YOLOLoss(nn.Module):
@@ -84,15 +116,12 @@ class YOLOLoss(nn.Module):
     of scalars ``loss`` (the total, for backward), ``loss_obj``, ``loss_cls``, ``loss_box`` and
     ``num_pos`` (this process's positives, detached).
 
-    ``recorder``: None (the default, no cost) or a callable that each ``forward`` hands the
-    detached elementwise tensors as keywords (``detector.callbacks.ImbalanceDiagnostics`` sets it):
-    ``obj=(logits, targets, weight, loss)`` each ``[B, N]``, ``cls=(logits, targets, loss)`` each
-    ``[P, C]``, ``box`` ``[P]``, ``images`` and ``rows`` ``[P]`` (the positives), ``shapes``
-    (H_s, W_s) and ``strides`` per scale, ``z [3]`` the normalisers of (objectness, classification,
-    box); a component's share of ``loss`` is ``weight · Σ elements / z[component]``.
+    ``recorder``: None (the default, no cost) or a callable that each ``forward`` hands a
+    :class:`LossRecord` of the detached elementwise tensors (``detector.callbacks.ImbalanceDiagnostics``
+    sets it); a component's share of ``loss`` is ``weight · Σ elements / z[component]``.
     """
 
-    recorder: Callable[..., None] | None = None  # a plain attribute: no state, nothing checkpointed
+    recorder: Callable[[LossRecord], None] | None = None  # a plain attribute: no state, nothing checkpointed
 
     def __init__(
         self,
@@ -121,89 +150,107 @@ class YOLOLoss(nn.Module):
         self.weights = (obj_weight, cls_weight, box_weight)
 
     def forward(
-        self, outputs: list[Tensor], targets: list[dict[str, Tensor]], anchors: Tensor, strides: list[int]
+        self, outputs: list[Tensor], targets: list[Target], anchors: Tensor, strides: list[int]
     ) -> dict[str, Tensor]:
         """Outputs (per scale ``[B, A, H, W, 5 + C]``), targets -> scalar ``loss`` and its three parts ``loss_*``."""
         shapes = [(o.shape[2], o.shape[3]) for o in outputs]
-        b_n, n_cls = outputs[0].shape[0], outputs[0].shape[-1] - 5
+        n_img, n_cls = outputs[0].shape[0], outputs[0].shape[-1] - 5
         gt = GroundTruth.from_targets(targets, outputs[0].device)
-        b, r, g = assign(gt, anchors, strides, shapes, self.assign_thresh)  # (P,) each
-        # Box and objectness logits of every anchor, class logits of the positives only.
-        head, pos_cls = head_and_classes(outputs, r, b)  # (B, N, 5), (P, C)
-        n_rows = head.shape[1]
+        # positive p: anchor row anchor_idx[p] of image img_idx[p] learns ground truth gt_idx[p]
+        img_idx, anchor_idx, gt_idx = assign(gt, anchors, strides, shapes, self.assign_thresh)  # (P,) each
+        # box and objectness logits of every anchor, class logits of the positives only
+        box_obj, cls_logits = gather_logits(outputs, anchor_idx, img_idx)  # (B, N, 5), (P, C)
+        n_rows = box_obj.shape[1]
         cells, anchor_wh, steps = anchor_grid(shapes, anchors, strides)
-        boxes = decode(head, cells, anchor_wh, steps)  # (B, N, 4) pixels
+        boxes = decode(box_obj, cells, anchor_wh, steps)  # (B, N, 4) pixels
         in_size = boxes.new_tensor([shapes[0][1] * strides[0], shapes[0][0] * strides[0]]).repeat(2)
 
         with torch.no_grad():
             max_iou = batched_box_iou(boxes.detach(), gt.padded).amax(-1)  # (B, N)
-            obj_w = (max_iou <= self.ignore_thresh).to(head.dtype)
-            obj_w[b, r] = 1.0
-            obj_t = torch.zeros_like(obj_w)
-            obj_t[b, r] = 1.0
+            obj_weight = (max_iou <= self.ignore_thresh).to(box_obj.dtype)  # 0: ignored negative
+            obj_weight[img_idx, anchor_idx] = 1.0
+            obj_target = torch.zeros_like(obj_weight)
+            obj_target[img_idx, anchor_idx] = 1.0
 
-        t_boxes = gt.boxes[g]
-        pred = BoxSet(head[b, r, :4], boxes[b, r] / in_size)
-        target = BoxSet(encode(t_boxes, cells[r], anchor_wh[r], steps[r]), t_boxes / in_size)
-        cls_t = F.one_hot(gt.labels[g], n_cls).to(head.dtype)
+        gt_boxes = gt.boxes[gt_idx]  # (P, 4) pixels
+        pred = BoxSet(box_obj[img_idx, anchor_idx, :4], boxes[img_idx, anchor_idx] / in_size)
+        target = BoxSet(
+            encode(gt_boxes, cells[anchor_idx], anchor_wh[anchor_idx], steps[anchor_idx]), gt_boxes / in_size
+        )
+        cls_target = F.one_hot(gt.labels[gt_idx], n_cls).to(box_obj.dtype)  # (P, C)
 
         needs_pos = self.classification.needs_info or self.box.needs_info or self.objectness.needs_info
-        pos_info = self._positive_info(head, pos_cls, b, r, g, gt, pred, target) if needs_pos else None
+        pos_info = None
+        if needs_pos:
+            pos_info = self._positive_info(box_obj, cls_logits, img_idx, anchor_idx, gt_idx, gt, pred, target)
         obj_info = None  # objectness.needs_info implies needs_pos, so pos_info is set then
         if self.objectness.needs_info and pos_info is not None:
-            obj_info = self._anchor_info(outputs, boxes / in_size, b, r, pos_info)
-        e_obj = self.objectness(head[..., 4].reshape(-1, 1), obj_t.view(-1, 1), obj_w.view(-1, 1), obj_info)
-        e_cls = self.classification(pos_cls, cls_t, None, pos_info)  # (P, C)
-        e_box = self.box(pred, target, None, pos_info)  # (P,)
-        l_obj, l_cls, l_box = e_obj.sum(), e_cls.sum(), e_box.sum()
+            obj_info = self._anchor_info(outputs, boxes / in_size, img_idx, anchor_idx, pos_info)
+        obj_logits = box_obj[..., 4]  # (B, N)
+        obj_loss = self.objectness(obj_logits.reshape(-1, 1), obj_target.view(-1, 1), obj_weight.view(-1, 1), obj_info)
+        cls_loss = self.classification(cls_logits, cls_target, None, pos_info)  # (P, C)
+        box_loss = self.box(pred, target, None, pos_info)  # (P,)
 
-        z = self._normaliser(len(b), b_n, n_rows, n_cls, obj_w)  # (3,)
-        if self.recorder is not None:  # opt-in diagnostics, see the class docstring
-            obj = (head[..., 4].detach(), obj_t, obj_w, e_obj.detach().view_as(obj_w))
-            self.recorder(obj=obj, cls=(pos_cls.detach(), cls_t, e_cls.detach()), box=e_box.detach(),
-                          images=b, rows=r, shapes=shapes, strides=strides, z=z)  # fmt: skip
-        parts = [w * loss / zc for w, loss, zc in zip(self.weights, (l_obj, l_cls, l_box), z)]
+        z = self._normaliser(len(img_idx), n_img, n_rows, n_cls, obj_weight)  # (3,)
+        if self.recorder is not None:  # opt-in diagnostics
+            self.recorder(LossRecord(
+                obj_logits.detach(), obj_target, obj_weight, obj_loss.detach().view_as(obj_weight),
+                cls_logits.detach(), cls_target, cls_loss.detach(), box_loss.detach(),
+                img_idx, anchor_idx, shapes, list(strides), z,
+            ))  # fmt: skip
+        sums = (obj_loss.sum(), cls_loss.sum(), box_loss.sum())
+        parts = [w * total / zc for w, total, zc in zip(self.weights, sums, z)]
         return {
             "loss": parts[0] + parts[1] + parts[2],
             "loss_obj": parts[0].detach(),
             "loss_cls": parts[1].detach(),
             "loss_box": parts[2].detach(),
-            "num_pos": torch.tensor(float(len(b)), device=head.device),
+            "num_pos": torch.tensor(float(len(img_idx)), device=box_obj.device),
         }
 
-    def _normaliser(self, n_pos: int, n_img: int, n_rows: int, n_cls: int, obj_w: Tensor) -> Tensor:
+    def _normaliser(self, n_pos: int, n_img: int, n_rows: int, n_cls: int, obj_weight: Tensor) -> Tensor:
         """``Z [3]`` of (objectness, classification, box): counts summed over processes (one collective),
         at least 1, divided by the world size (see the module docstring)."""
         per_mode = {"num_pos": n_pos, "batch": n_img, "num_anchors": n_img * n_rows}
-        valid = ((obj_w > 0).sum() if self.modes[0] == "valid" else 0, n_pos * n_cls, n_pos)  # GHM-C's tot
+        valid = ((obj_weight > 0).sum() if self.modes[0] == "valid" else 0, n_pos * n_cls, n_pos)  # GHM-C's tot
         chosen = [valid[k] if mode == "valid" else per_mode[mode] for k, mode in enumerate(self.modes)]
-        counts = torch.stack([torch.as_tensor(c, dtype=torch.float32, device=obj_w.device) for c in chosen])
+        counts = torch.stack([torch.as_tensor(c, dtype=torch.float32, device=obj_weight.device) for c in chosen])
         return dist.all_reduce_sum(counts).clamp(min=1.0) / dist.world_size()
 
     @staticmethod
     def _positive_info(
-        head: Tensor, pos_cls: Tensor, b: Tensor, r: Tensor, g: Tensor, gt: GroundTruth, pred: BoxSet, target: BoxSet
+        box_obj: Tensor,
+        cls_logits: Tensor,
+        img_idx: Tensor,
+        anchor_idx: Tensor,
+        gt_idx: Tensor,
+        gt: GroundTruth,
+        pred: BoxSet,
+        target: BoxSet,
     ) -> SampleInfo:
         """SampleInfo of the positives (class and box rows); ids offset by the process rank so that
         they stay unique across DDP."""
         offset = dist.rank() << 32
-        labels = gt.labels[g]
+        labels = gt.labels[gt_idx]
         with torch.no_grad():
             ious = batched_box_iou(pred.xyxy.detach()[:, None], target.xyxy[:, None]).view(-1)
-            scores = (head[b, r, 4:5].sigmoid() * pos_cls.sigmoid()).amax(-1)
-        cls_score = pos_cls.sigmoid().gather(1, labels[:, None]).squeeze(1)
-        return SampleInfo(labels, g + offset, ious, pred.xyxy.detach(), scores, b + offset, cls_score)
+            logits = torch.cat([box_obj[img_idx, anchor_idx], cls_logits], dim=1)  # (P, 5 + C)
+            scores = detection_scores(logits).amax(-1)
+        cls_score = cls_logits.sigmoid().gather(1, labels[:, None]).squeeze(1)
+        return SampleInfo(labels, gt_idx + offset, ious, pred.xyxy.detach(), scores, img_idx + offset, cls_score)
 
     @staticmethod
-    def _anchor_info(outputs: list[Tensor], boxes: Tensor, b: Tensor, r: Tensor, pos: SampleInfo) -> SampleInfo:
+    def _anchor_info(
+        outputs: list[Tensor], boxes: Tensor, img_idx: Tensor, anchor_idx: Tensor, pos: SampleInfo
+    ) -> SampleInfo:
         """SampleInfo of every anchor (the objectness rows), the positives' fields scattered in."""
-        b_n, n_rows = boxes.shape[:2]
-        flat = b * n_rows + r
+        n_img, n_rows = boxes.shape[:2]
+        flat = img_idx * n_rows + anchor_idx
         with torch.no_grad():
             raw = flatten_outputs([o.detach() for o in outputs])  # (B, N, 5 + C)
-            labels = torch.full((b_n * n_rows,), -1, dtype=torch.long, device=raw.device)
-            gt_ids, ious = labels.clone(), raw.new_zeros(b_n * n_rows)
+            labels = torch.full((n_img * n_rows,), -1, dtype=torch.long, device=raw.device)
+            gt_ids, ious = labels.clone(), raw.new_zeros(n_img * n_rows)
             labels[flat], gt_ids[flat], ious[flat] = pos.labels, pos.gt_ids, pos.ious
-            scores = (raw[..., 4:5].sigmoid() * raw[..., 5:].sigmoid()).amax(-1).reshape(-1)
-            image_ids = torch.arange(b_n, device=raw.device).repeat_interleave(n_rows) + (dist.rank() << 32)
+            scores = detection_scores(raw).amax(-1).reshape(-1)
+            image_ids = torch.arange(n_img, device=raw.device).repeat_interleave(n_rows) + (dist.rank() << 32)
         return SampleInfo(labels, gt_ids, ious, boxes.detach().reshape(-1, 4), scores, image_ids)

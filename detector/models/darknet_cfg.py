@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from ..structures import check_image_size
 from .darknet import Darknet53, TinyDarknet
 from .layers import ConvBNAct, Residual
 
@@ -118,8 +119,7 @@ def cfg_text(model: YOLOv3, image_size: int = 416) -> str:
 
     Inputs are RGB in 0..1, letterboxed to ``image_size`` (a multiple of 32), as in our training.
     """
-    if image_size <= 0 or image_size % 32:
-        raise ValueError(f"image_size must be a positive multiple of 32, got {image_size}")
-    net = {"batch": "1", "subdivisions": "1", "width": str(image_size), "height": str(image_size), "channels": "3"}
+    size = str(check_image_size(image_size))
+    net = {"batch": "1", "subdivisions": "1", "width": size, "height": size, "channels": "3"}
     sections = [("net", net)] + [(layer.kind, layer.options) for layer in darknet_layers(model)]
     return "\n".join(f"[{kind}]\n" + "".join(f"{k}={v}\n" for k, v in opts.items()) for kind, opts in sections)

@@ -18,7 +18,6 @@ channels with a tiny variance, where the two eps differ most.
 
 from __future__ import annotations
 
-import argparse
 import struct
 import zipfile
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .darknet_cfg import DarknetLayer, _backbone, cfg_text, darknet_layers
+from .darknet_cfg import DarknetLayer, _backbone, darknet_layers
 
 if TYPE_CHECKING:
     from .yolo import YOLOv3
@@ -52,15 +51,15 @@ class Header:
 def read_header(path: str | Path) -> Header:
     """Darknet's header rule: ``seen`` is int64 when ``major·10 + minor >= 2`` and both are < 1000."""
     with open(path, "rb") as f:
-        head = f.read(20)
-    if len(head) < 16:
-        raise ValueError(f"{str(path)!r} is too short ({len(head)} bytes) for a darknet weights header")
-    major, minor, revision = struct.unpack("<3i", head[:12])
+        header_bytes = f.read(20)
+    if len(header_bytes) < 16:
+        raise ValueError(f"{str(path)!r} is too short ({len(header_bytes)} bytes) for a darknet weights header")
+    major, minor, revision = struct.unpack("<3i", header_bytes[:12])
     if major * 10 + minor >= 2 and major < 1000 and minor < 1000:
-        if len(head) < 20:
-            raise ValueError(f"{str(path)!r} is too short ({len(head)} bytes) for a 20-byte darknet header")
-        return Header(major, minor, revision, struct.unpack("<q", head[12:20])[0], 20)
-    return Header(major, minor, revision, struct.unpack("<i", head[12:16])[0], 16)
+        if len(header_bytes) < 20:
+            raise ValueError(f"{str(path)!r} is too short ({len(header_bytes)} bytes) for a 20-byte darknet header")
+        return Header(major, minor, revision, struct.unpack("<q", header_bytes[12:20])[0], 20)
+    return Header(major, minor, revision, struct.unpack("<i", header_bytes[12:16])[0], 16)
 
 
 def is_darknet_file(path: str | Path) -> bool:
@@ -210,39 +209,3 @@ def save_darknet(model: YOLOv3, path: str | Path, cutoff: int | None = None, see
                 f.write(array.tobytes())
                 count += array.size
     return count
-
-
-def export(ckpt: str | Path, out: str | Path, image_size: int | None = None) -> list[Path]:
-    """Write a Lightning checkpoint's network as ``out`` (.weights) with its ``.cfg`` and ``.names`` next to it."""
-    from ..export import load_detector  # the LightningModule stack, needed by this command only
-
-    module, trained_size = load_detector(ckpt)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    size = image_size or trained_size or 416
-    files = [out, out.with_suffix(".cfg"), out.with_suffix(".names")]
-    save_darknet(module.model, files[0])
-    files[1].write_text(cfg_text(module.model, size))
-    files[2].write_text("".join(f"{name}\n" for name in module.class_names))
-    return files
-
-
-def main(argv: list[str] | None = None) -> list[Path]:
-    """``python -m detector.models.darknet_weights export --ckpt X.ckpt --out Y.weights [--image-size S]``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m detector.models.darknet_weights", description=__doc__.split("\n")[0]
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    exp = sub.add_parser("export", help="checkpoint -> darknet .weights + .cfg + .names")
-    exp.add_argument("--ckpt", required=True, help="Lightning checkpoint of DetectorModule")
-    exp.add_argument("--out", required=True, help="the .weights file to write (.cfg and .names go next to it)")
-    exp.add_argument("--image-size", type=int, default=None, help="[net] width/height (default: training size or 416)")
-    args = parser.parse_args(argv)
-    files = export(args.ckpt, args.out, args.image_size)
-    print("wrote " + ", ".join(map(str, files)))
-    print(f"darknet: ./darknet detector test <data file> {files[1]} {files[0]} image.jpg")
-    return files
-
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,4 @@
-"""Darknet's YOLOv3 target assignment (``yolo_layer.c``; LOSSES.md §2), vectorised.
+"""Darknet's YOLOv3 target assignment (``yolo_layer.c``; docs/losses.md), vectorised.
 
 Each ground truth goes to the one anchor, among all S·A, whose (w, h) shape has the highest
 IoU with its own (both centred together), at the grid cell of that anchor's scale that holds
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..structures import Target
 from .boxes import wh_iou
 
 
@@ -32,8 +33,8 @@ class GroundTruth:
     padded: Tensor
 
     @classmethod
-    def from_targets(cls, targets: list[dict[str, Tensor]], device: torch.device) -> GroundTruth:
-        """Gather the ``boxes``/``labels`` of the DESIGN.md target dicts."""
+    def from_targets(cls, targets: list[Target], device: torch.device) -> GroundTruth:
+        """Gather the ``boxes``/``labels`` of the target dicts (``detector.structures.Target``)."""
         sizes = [len(t["boxes"]) for t in targets]  # host-side: no device sync
         counts = torch.tensor(sizes, device=device)
         boxes = torch.cat([t["boxes"] for t in targets]).to(device, torch.float32).reshape(-1, 4)
@@ -57,8 +58,8 @@ def assign(
         strides: stride of each scale. shapes: (H_s, W_s) of each scale's grid.
         iou_thresh: also assign every anchor whose shape IoU with the ground truth exceeds this.
     Returns:
-        ``(batch [P], row [P], gt_index [P])``: positive anchors as image index and row of the
-        flat layout of :func:`detector.ops.boxes.anchor_grid`, and the ground truth each learns.
+        ``(img_idx [P], anchor_idx [P], gt_idx [P])``: each positive's image, its anchor row in the
+        flat layout of :func:`detector.ops.boxes.anchor_grid`, and the ground truth it learns.
     """
     a_n = anchors.shape[1]
     ious = wh_iou(gt.boxes[:, 2:] - gt.boxes[:, :2], anchors.view(-1, 2))  # (G, S·A)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from . import dist
+from . import distributed as dist
 
 
 def nonfinite_flag(tensors: Iterable[Tensor]) -> Tensor:

@@ -16,7 +16,7 @@ and whose attributes are
     sizes         list[tuple[int, int]]  (h, w) per image, from the image header (no decode)
     boxes, labels list[np.ndarray]       per image, as in the items (no decode needed)
     image_ids     list[int]; paths list[Path]
-    report        CheckReport            counts per kind of problem (``detector.data.checks``)
+    report        CheckReport            counts per kind of problem (``detector.data.readers.checks``)
 
 Every constructor takes ``category_ids`` / ``class_names`` to force the training split's
 mapping on val/test, ``strict`` (raise ``ValueError`` on any non-benign problem instead of
@@ -30,11 +30,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from detector.data.base import DetectionSource
-from detector.data.checks import DataError, DataNotFoundError, Verify
-from detector.data.coco import CocoDetection
-from detector.data.voc import VocDetection
-from detector.data.yolo import YoloDetection
+from detector.data.readers.base import DetectionSource
+from detector.data.readers.checks import DataError, DataNotFoundError, Verify
+from detector.data.readers.coco import CocoDetection
+from detector.data.readers.voc import VocDetection
+from detector.data.readers.yolo import YoloDetection
 
 Format = Literal["coco", "yolo", "voc"]
 FORMATS: tuple[str, ...] = ("coco", "yolo", "voc")
@@ -67,7 +67,7 @@ def open_dataset(
             the two folders.
         split: the split's name (see ``format``).
         category_ids, class_names: the training split's mapping, forced on val/test.
-        strict, verify, max_examples, workers: see ``detector.data.checks`` / ``CocoDetection``.
+        strict, verify, max_examples, workers: see ``detector.data.readers.checks`` / ``CocoDetection``.
         keep_difficult: VOC only: keep ``difficult`` objects as ordinary boxes.
     Returns:
         a ``DetectionSource`` following the contract in this module's docstring.

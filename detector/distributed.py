@@ -1,25 +1,32 @@
 """Collectives that reduce to the identity outside ``torch.distributed``.
 
 The YOLO loss and the stateful losses use these so that N processes holding 1/N of a
-batch each compute the loss of one process holding the whole batch (DESIGN.md).
+batch each compute the loss of one process holding the whole batch (docs/losses.md, Normalisers).
 None of them carries gradient: they move normalisers, counts and ranking keys only.
+
+This module is not a pure op, hence not in ``ops/``: it reads one piece of context, whether
+collectives are allowed here (:func:`local_only`). Evaluation turns them off because ranks may
+hold different numbers of batches; passing that flag through every loss's ``forward`` would
+break the loss contract (``forward(logits, targets, weight)``), so it is a ``ContextVar``, scoped
+to the ``with`` block (and to its thread), not a module global.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-_local_only = False
+_collectives_off: ContextVar[bool] = ContextVar("collectives_off", default=False)
 
 
 def is_distributed() -> bool:
     """True inside an initialised process group with more than one process (and outside :func:`local_only`)."""
-    return not _local_only and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return not _collectives_off.get() and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 @contextmanager
@@ -29,12 +36,11 @@ def local_only() -> Iterator[None]:
     Evaluation computes its loss inside it: under DDP ranks may hold different numbers of
     validation batches (no padding, no duplicated images), so a collective there would hang.
     """
-    global _local_only
-    previous, _local_only = _local_only, True
+    token = _collectives_off.set(True)
     try:
         yield
     finally:
-        _local_only = previous
+        _collectives_off.reset(token)
 
 
 def world_size() -> int:

@@ -1,7 +1,7 @@
-"""``DetectionSource``: the reader contract of ``detector.data.formats``, implemented once.
+"""``DetectionSource``: the reader contract of ``detector.data.readers.formats``, implemented once.
 
 A reader (COCO, YOLO, VOC) parses its annotation files into ``RawImage`` records and calls
-``_build``, which runs the bad-input checks of ``detector.data.checks`` (in a thread pool),
+``_build``, which runs the bad-input checks of ``detector.data.readers.checks`` (in a thread pool),
 keeps one numpy array of boxes and labels per kept image, and raises or warns once.
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from detector.data.checks import (
+from detector.data.readers.checks import (
     CheckReport,
     DataError,
     Header,
@@ -28,6 +28,10 @@ from detector.data.checks import (
     parallel_map,
     probe_image,
 )
+
+# Image files every reader lists (lower-case suffixes; a file's suffix is compared in lower case): the formats
+# that Pillow (header checks) and OpenCV (decoding) both read. ``.mpo`` is a multi-picture JPEG (first frame).
+IMAGE_SUFFIXES = (".bmp", ".jpeg", ".jpg", ".mpo", ".png", ".tif", ".tiff", ".webp")
 
 
 @dataclass
@@ -51,7 +55,7 @@ class RawImage:
 
 
 class DetectionSource(Dataset):
-    """A checked detection dataset; items and attributes as in ``detector.data.formats``.
+    """A checked detection dataset; items and attributes as in ``detector.data.readers.formats``.
 
     Attributes (one entry per kept image, in the annotation file's order): ``paths``,
     ``image_ids``, ``sizes`` (h, w) from the image header, ``boxes`` float32 (N, 4) xyxy
@@ -134,15 +138,6 @@ class DetectionSource(Dataset):
     def num_classes(self) -> int:
         """C, the number of classes (``len(class_names)``)."""
         return len(self.class_names)
-
-    @property
-    def _boxes(self) -> list[np.ndarray]:
-        """Deprecated alias of ``boxes`` (kept while the datamodule still reads it)."""
-        return self.boxes
-
-    @property
-    def _labels(self) -> list[np.ndarray]:
-        return self.labels
 
     def __len__(self) -> int:
         return len(self.paths)

@@ -1,10 +1,10 @@
 """A COCO-JSON detection dataset: images folder + annotation file -> checked samples.
 
-Samples and attributes follow the reader contract of ``detector.data.formats``. Labels are
+Samples and attributes follow the reader contract of ``detector.data.readers.formats``. Labels are
 the category ids sorted ascending and renumbered 0..C-1 (``category_ids[label]`` gives the
 dataset id back, ``class_names[label]`` its name). ``bbox`` is ``[x, y, w, h]`` in pixels
 (pixel-edge convention) and becomes ``[x, y, x + w, y + h]``. Crowd annotations are left out
-(counted as ``crowd``); the other checks are those of ``detector.data.checks``: an annotation
+(counted as ``crowd``); the other checks are those of ``detector.data.readers.checks``: an annotation
 whose ``category_id`` is not a category counts as ``class_out_of_range``, one whose
 ``image_id`` is not an image or whose ``bbox`` is not 4 numbers as ``bad_annotation``. An image
 id listed twice is resolved by ``resolve_ids``: annotations are never attached to another image.
@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from detector.data.base import DetectionSource, RawImage
-from detector.data.checks import DataError, DataNotFoundError, Verify
+from detector.data.readers.base import DetectionSource, RawImage
+from detector.data.readers.checks import DataError, DataNotFoundError, Verify
 
 COCO_KEYS = ("images", "annotations", "categories")
 
@@ -42,7 +42,7 @@ def load_coco_json(path: str | Path) -> dict[str, Any]:
 
 
 class CocoDetection(DetectionSource):
-    """Detection samples from a COCO annotation file (contract: ``detector.data.formats``).
+    """Detection samples from a COCO annotation file (contract: ``detector.data.readers.formats``).
 
     Args:
         images: folder holding the ``file_name`` of every image entry.

@@ -13,7 +13,7 @@ replaced by ``/labels/``, the extension by ``.txt``). Each line is ``class cx cy
 the class normalised to [0, 1] by the image width/height; a line ``class x1 y1 x2 y2 ...``
 (a segment, >= 3 points) becomes its bounding box. An image without a label file, or with an
 empty one, has no boxes. A label file in the label folder of a split's image folder that no
-image of the split claims (its image is gone, or has a suffix outside ``IMAGE_SUFFIXES``) is
+image of the split claims (its image is gone, or has a suffix outside ``base.IMAGE_SUFFIXES``) is
 counted as ``orphan_label`` (``classes.txt``, the class list some tools write there, excepted).
 ``category_ids[label] = label``. Image ids are the file stems when they are distinct integers,
 else positions in the split's sorted list (``base.stem_ids``).
@@ -29,10 +29,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from detector.data.base import DetectionSource, RawImage, index_ids, stem_ids
-from detector.data.checks import DataError, DataNotFoundError, Verify, parallel_map
-
-IMAGE_SUFFIXES = frozenset({".bmp", ".jpeg", ".jpg", ".mpo", ".png", ".tif", ".tiff", ".webp"})
+from detector.data.readers.base import IMAGE_SUFFIXES, DetectionSource, RawImage, index_ids, stem_ids
+from detector.data.readers.checks import DataError, DataNotFoundError, Verify, parallel_map
 
 
 def load_yolo_yaml(path: str | Path) -> dict[str, Any]:
@@ -131,7 +129,7 @@ def parse_label_file(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
 
 
 class YoloDetection(DetectionSource):
-    """Detection samples of one split of a YOLO-txt dataset (contract: ``detector.data.formats``).
+    """Detection samples of one split of a YOLO-txt dataset (contract: ``detector.data.readers.formats``).
 
     Args:
         data: the dataset YAML.

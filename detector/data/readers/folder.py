@@ -1,6 +1,6 @@
 """A folder of images with no annotations, for ``predict``: raw samples in the ``CocoDetection`` format.
 
-Images are the files directly in the folder whose extension is one of ``IMAGE_SUFFIXES``
+Images are the files directly in the folder whose extension is one of ``base.IMAGE_SUFFIXES``
 (case-insensitive), sorted by name. Item ``i`` is
 
     image     uint8  (H, W, 3) RGB, original pixels
@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 from torch.utils.data import Dataset
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+from detector.data.readers.base import IMAGE_SUFFIXES
 
 
 class ImageFolder(Dataset):

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from detector.data.base import DetectionSource, RawImage, index_ids, stem_ids
-from detector.data.checks import DataNotFoundError, Verify, parallel_map
+from detector.data.readers.base import DetectionSource, RawImage, index_ids, stem_ids
+from detector.data.readers.checks import DataNotFoundError, Verify, parallel_map
 
 
 @dataclass
@@ -70,7 +70,7 @@ def parse_voc_xml(path: Path) -> VocRecord:
 
 
 class VocDetection(DetectionSource):
-    """Detection samples of one Pascal VOC split (contract: ``detector.data.formats``).
+    """Detection samples of one Pascal VOC split (contract: ``detector.data.readers.formats``).
 
     Args:
         root: the folder holding ``Annotations``, ``JPEGImages`` and ``ImageSets/Main``.

@@ -4,19 +4,26 @@ each item's randomness a pure function of (seed, epoch, index)."""
 from __future__ import annotations
 
 import random
-from typing import Any
 
 import albumentations as A
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from detector.data.base import DetectionSource
-from detector.data.cache import CachedImages
-from detector.data.folder import ImageFolder
-from detector.data.mosaic import MosaicTiler
-from detector.data.samplers import ItemKey, item_rng
-from detector.data.transforms import apply, letterbox_params
+from detector.data.pipeline.cache import CachedImages
+from detector.data.pipeline.mosaic import MosaicTiler
+from detector.data.pipeline.samplers import ItemKey, item_rng
+from detector.data.pipeline.transforms import (
+    Augment,
+    apply,
+    letterbox_params,
+    mosaic_transforms,
+    train_transforms,
+    val_transforms,
+)
+from detector.data.readers.base import DetectionSource
+from detector.data.readers.folder import ImageFolder
+from detector.structures import Target
 
 
 class TransformedDataset(Dataset):
@@ -45,7 +52,7 @@ class TransformedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, key: int | ItemKey) -> tuple[torch.Tensor, dict[str, Any]]:
+    def __getitem__(self, key: int | ItemKey) -> tuple[torch.Tensor, Target]:
         i, epoch = (int(key[0]), int(key[1])) if isinstance(key, tuple) else (int(key), self.epoch)
         rng = item_rng(self.seed, epoch, i)  # this item's random stream
         self.transform.set_random_state(rng, random.Random(int(rng.integers(2**63))))
@@ -53,7 +60,7 @@ class TransformedDataset(Dataset):
         h, w = sample.get("orig_size", sample["image"].shape[:2])  # CachedImages: image pre-resized
         tiled = self.mosaic(self.base, sample, rng, epoch) if self.mosaic else None
         image, boxes, labels = tiled or apply(self.transform, sample["image"], sample["boxes"], sample["labels"])
-        target = {
+        target: Target = {
             "boxes": torch.from_numpy(boxes),  # (N, 4) xyxy input pixels
             "labels": torch.from_numpy(labels),  # (N,)
             "image_id": torch.tensor(sample["image_id"], dtype=torch.int64),
@@ -64,3 +71,20 @@ class TransformedDataset(Dataset):
         }
         # numpy transpose: torch's parallel uint8 permute stalls behind cv2's thread pool (~6 ms/image)
         return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), target  # (3, S, S) uint8
+
+
+def training_set(
+    source: DetectionSource, size: int, augment: Augment | None, mosaic: float, cache: bool, seed: int
+) -> TransformedDataset:
+    """The training dataset of ``source`` at input side ``size``: ``train_transforms(size, augment=augment)``,
+    a ``MosaicTiler`` when ``mosaic`` (its probability) > 0, images served from RAM when ``cache``."""
+    base = CachedImages(source, size) if cache else source
+    tiler = MosaicTiler(mosaic_transforms(size, augment=augment), mosaic) if mosaic > 0 else None
+    return TransformedDataset(base, train_transforms(size, augment=augment), size, mosaic=tiler, seed=seed)
+
+
+def evaluation_set(source: DetectionSource | ImageFolder, size: int, cache: bool = False) -> TransformedDataset:
+    """The letterboxed (``val_transforms``) dataset of ``source``; with ``cache``, a ``DetectionSource``'s images
+    are served from RAM (an ``ImageFolder``, read once by ``predict``, always from disk)."""
+    base = CachedImages(source, size) if cache and isinstance(source, DetectionSource) else source
+    return TransformedDataset(base, val_transforms(size), size)

@@ -2,7 +2,7 @@
 
 ``MosaicTiler`` is the part of the training dataset (``TransformedDataset(mosaic=...)``)
 that decides and builds mosaics. For item ``i`` of epoch ``e`` it draws, from the item's
-generator ``item_rng(seed, e, i)`` (``detector.data.samplers``), first whether to tile, then
+generator ``item_rng(seed, e, i)`` (``detector.data.pipeline.samplers``), first whether to tile, then
 the three partner indices (uniform over the dataset, repeats allowed), then the random state
 of the mosaic pipeline (``mosaic_transforms``). So a mosaic sample, like any other, is a pure
 function of ``(seed, e, i)``, and a non-mosaic item still decodes one image only.
@@ -21,9 +21,25 @@ from typing import Any
 import albumentations as A
 import numpy as np
 
-from detector.data.transforms import apply
+from detector.data.pipeline.transforms import apply
 
 NUM_PARTNERS = 3  # a 2 x 2 grid: the item and three others
+
+
+def check_mosaic(prob: float, close_mosaic: int) -> None:
+    """A one-line ``ValueError`` unless ``prob`` is in [0, 1] and ``close_mosaic`` >= 0 (``data.mosaic``, ``data.close_mosaic``)."""
+    if not 0.0 <= prob <= 1.0:
+        raise ValueError(f"mosaic is a probability and must be in [0, 1], got {prob}")
+    if close_mosaic < 0:
+        raise ValueError(f"close_mosaic must be >= 0 (epochs at the end without mosaic), got {close_mosaic}")
+
+
+def mosaic_epochs(max_epochs: int | None, close_mosaic: int) -> int:
+    """``MosaicTiler.mosaic_epochs`` for a run of ``max_epochs`` whose last ``close_mosaic`` epochs have no
+    mosaic: ``max(max_epochs - close_mosaic, 0)``; a ``ValueError`` when ``max_epochs`` is not finite."""
+    if max_epochs is None or max_epochs < 0:
+        raise ValueError("close_mosaic needs a finite trainer.max_epochs (set it, or set data.close_mosaic: 0)")
+    return max(max_epochs - close_mosaic, 0)
 
 
 class MosaicTiler:

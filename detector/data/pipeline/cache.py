@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 from torch.utils.data import Dataset
 
-from detector.data.base import DetectionSource
+from detector.data.readers.base import DetectionSource
 
 
 class CachedImages(Dataset):

@@ -30,7 +30,7 @@ Mosaic (``mosaic_transforms``, YOLOv4) tiles four images on a 2 x 2 grid with
 ``A.Mosaic``: each image is resized so that its *short* side is ``size`` ("cover"), the
 grid centre is drawn in the middle 40 % and the ``size x size`` window around it is kept,
 so every image shows the corner nearest the centre. The three extra images come through
-``A.Mosaic``'s metadata (``MOSAIC_KEY``); the dataset chooses them (``detector.data.mosaic``).
+``A.Mosaic``'s metadata (``MOSAIC_KEY``); the dataset chooses them (``detector.data.pipeline.mosaic``).
 
 Multi-scale training resizes whole batches (``random_batch_size``, ``resize_batch``).
 """
@@ -49,10 +49,11 @@ import torch.nn.functional as F
 from albumentations.core.type_definitions import Targets
 from torch import Tensor
 
+from detector.structures import MAX_STRIDE, Target
+
 PAD_VALUE = 114  # gray used for letterbox padding and affine borders (as in YOLOv3-v5)
 MIN_BOX_SIDE = 2.0  # training boxes thinner than this (input pixels) after augmentation are dropped
 MOSAIC_KEY = "mosaic_metadata"  # A.Mosaic's metadata key: a list of {"image", "bboxes", "labels"} dicts
-STRIDE = 32  # multi-scale sizes are multiples of the largest model stride
 
 Transform: TypeAlias = A.BasicTransform | A.BaseCompose  # one entry of ``data.augment``
 Augment: TypeAlias = Sequence[Transform]
@@ -221,6 +222,14 @@ def _check_image(image: Any) -> None:
         )
 
 
+def augment_config(augment: Augment | None) -> list[dict[str, Any]] | None:
+    """``data.augment`` checked (``check_augment``, probe included) and in its plain-data form (``augment_hparams``),
+    which is what checkpoints record; ``None`` (the default augmentation) stays ``None``."""
+    if augment is not None:
+        check_augment(augment)
+    return augment_hparams(augment)
+
+
 def augment_hparams(augment: Augment | None) -> list[dict[str, Any]] | None:
     """``augment`` in albumentations' serialization (``A.from_dict({"transform": d})`` rebuilds each
     entry), as plain lists/dicts/numbers, so checkpoints load with ``weights_only=True``."""
@@ -251,13 +260,27 @@ def apply(
     return out["image"], boxes, labels
 
 
+def check_multi_scale(multi_scale: Sequence[int] | None) -> tuple[int, int] | None:
+    """``multi_scale`` as ``(low, high)`` (``None`` stays ``None``); a ``ValueError`` unless
+    ``MAX_STRIDE <= low <= high`` and the range holds a multiple of ``MAX_STRIDE``."""
+    if multi_scale is None:
+        return None
+    low, high = multi_scale
+    if not MAX_STRIDE <= low <= high or high // MAX_STRIDE * MAX_STRIDE < low:
+        raise ValueError(
+            f"multi_scale must be [low, high] with {MAX_STRIDE} <= low <= high spanning a multiple of {MAX_STRIDE}, "
+            f"got {list(multi_scale)}"
+        )
+    return low, high
+
+
 def random_batch_size(seed: int, step: int, low: int, high: int) -> int:
-    """A multiple of ``STRIDE`` in ``[low, high]``, uniform, a pure function of ``(seed, step)``."""
-    k = np.random.default_rng([seed, step]).integers(-(-low // STRIDE), high // STRIDE + 1)
-    return int(k) * STRIDE
+    """A multiple of ``MAX_STRIDE`` in ``[low, high]``, uniform, a pure function of ``(seed, step)``."""
+    k = np.random.default_rng([seed, step]).integers(-(-low // MAX_STRIDE), high // MAX_STRIDE + 1)
+    return int(k) * MAX_STRIDE
 
 
-def resize_batch(images: Tensor, targets: list[dict[str, Tensor]], size: int) -> tuple[Tensor, list[dict[str, Tensor]]]:
+def resize_batch(images: Tensor, targets: list[Target], size: int) -> tuple[Tensor, list[Target]]:
     """Resize ``images (B, 3, S, S)`` to ``(B, 3, size, size)`` (bilinear) and scale boxes by ``size / S``.
 
     Pixel-edge coordinates scale exactly: ``F.interpolate(align_corners=False)`` maps the edge
@@ -267,9 +290,9 @@ def resize_batch(images: Tensor, targets: list[dict[str, Tensor]], size: int) ->
         return images, targets
     k = size / images.shape[-1]
     images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
-    out = []
+    out: list[Target] = []
     for t in targets:
-        t = dict(t)
+        t = t.copy()
         t["boxes"] = t["boxes"] * k  # (N, 4)
         t["letterbox"] = t["letterbox"] * k  # (3,): input' = k * (orig * scale + pad)
         out.append(t)

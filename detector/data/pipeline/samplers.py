@@ -38,6 +38,8 @@ import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from detector.data.pipeline.collate import collate
+
 _PERMUTATION, _ITEM = 0, 1  # SeedSequence domain tags: the two streams never share a seed
 
 
@@ -129,6 +131,45 @@ def eval_sampler(dataset: Sized, num_replicas: int = 1, rank: int = 0) -> Unrepe
             f"the evaluation set has {n} images, fewer than the {num_replicas} processes: add images or use fewer devices"
         )
     return UnrepeatedDistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+
+
+def check_loader_args(batch_size: int, num_workers: int) -> None:
+    """A one-line ``ValueError`` unless ``batch_size`` > 0 and ``num_workers`` >= 0."""
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be > 0, got {batch_size}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+
+
+def detection_loader(
+    dataset: Dataset,
+    world: tuple[int, int],
+    batch_size: int,
+    num_workers: int,
+    pin_memory: bool,
+    train: bool = False,
+    seed: int = 0,
+    epoch: int = 0,
+) -> DataLoader:
+    """The loader of ``dataset`` for one rank of ``world = (num_replicas, rank)``, batched by ``collate``.
+
+    ``train``: a ``ResumableDataLoader`` over ``TrainSampler(seed=seed, epoch=epoch)``; else a ``DataLoader``
+    over ``eval_sampler`` (every image once, in order, a disjoint share per rank).
+    """
+    sized = cast(Sized, dataset)
+    sampler: DistributedSampler = (
+        TrainSampler(sized, *world, seed=seed, epoch=epoch) if train else eval_sampler(sized, *world)
+    )
+    return (ResumableDataLoader if train else DataLoader)(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=False,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+        collate_fn=collate,
+    )
 
 
 class ResumableDataLoader(DataLoader):

@@ -1,6 +1,6 @@
 """Bad-input checks, run once when a dataset is built, and the report of what they found.
 
-Every reader (see ``detector.data.formats``) passes its parsed annotations through these
+Every reader (see ``detector.data.readers.formats``) passes its parsed annotations through these
 checks. Each kind of problem is counted; what happens to the item is fixed per kind:
 
     kind                  item                                          strict=True
