@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from jsonargparse import ArgumentError
 from lightning.pytorch.cli import instantiate_module
 from torch import Tensor, nn
 
@@ -94,9 +95,22 @@ def load_detector(ckpt: str | Path) -> tuple[DetectorModule, int | None]:
         raise ValueError(
             f"{str(path)!r} is not a Lightning checkpoint of DetectorModule (no state_dict/hyper_parameters)"
         )
-    module = rebuild(state["hyper_parameters"])
+    try:
+        module = rebuild(state["hyper_parameters"])
+    except ArgumentError as err:  # e.g. a backbone class that cannot be imported here
+        reason = " ".join(str(err).split())
+        raise ValueError(
+            f"cannot rebuild the model of {str(path)!r} from its hyper-parameters: {reason[:400]}"
+        ) from err
     net = {k.removeprefix("model."): v for k, v in state["state_dict"].items() if k.startswith("model.")}
-    module.model.load_state_dict(net)
+    try:
+        module.model.load_state_dict(net)
+    except RuntimeError as err:  # a backbone given in Python is not a hyper-parameter: the preset's was rebuilt
+        first = str(err).strip().splitlines()[0]
+        raise ValueError(
+            f"the network rebuilt from the hyper-parameters of {str(path)!r} does not fit its weights ({first} "
+            f"{' '.join(str(err).split())[len(first) : len(first) + 200]} ...); was its backbone given in Python?"
+        ) from err
     size = state.get("datamodule_hyper_parameters", {}).get("image_size")
     return module.eval(), size
 

@@ -160,3 +160,12 @@ def test_checkpoint_whose_hyperparameters_do_not_fit_is_one_line(tmp_path: Path,
     assert stop.value.code == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith(f"error: ckpt_path: the hyper-parameters of {str(path)!r} do not fit this model: ")
+
+
+def test_export_rebuild_mistakes_are_one_line_errors(tmp_path: Path) -> None:
+    module = DetectorModule(NAMES, backbone=Darknet53(**SMALL["init_args"]))  # not saved: the preset's is rebuilt
+    with pytest.raises(ValueError, match=r"does not fit its weights \(Error\(s\) in loading .* given in Python\?$"):
+        load_detector(_save(module, tmp_path / "python.ckpt"))
+    module.hparams["backbone"] = {"class_path": "nowhere.Backbone"}
+    with pytest.raises(ValueError, match=r"cannot rebuild the model .* No module named 'nowhere'"):
+        load_detector(_save(module, tmp_path / "missing.ckpt"))
