@@ -33,6 +33,7 @@ from .models import YOLOv3
 from .module import DetectorModule
 from .ops.boxes import anchor_grid
 from .ops.postprocess import MAX_CANDIDATES, boxes_and_scores, detections
+from .structures import check_image_size
 
 # Settings that do not shape the network: export builds it eager and in the default memory format,
 # gives it the checkpoint's weights (not the pretrained file it started from) and trains nothing.
@@ -52,8 +53,7 @@ class DecodedYOLO(nn.Module):
     def __init__(self, model: YOLOv3, image_size: int, nms: bool = False, conf_thresh: float = 0.001,
                  nms_iou: float = 0.6, max_det: int = 100, max_candidates: int = MAX_CANDIDATES) -> None:  # fmt: skip
         super().__init__()
-        if image_size <= 0 or image_size % 32:
-            raise ValueError(f"image_size must be a positive multiple of 32, got {image_size}")
+        check_image_size(image_size)
         self.model, self.nms = model, nms
         self.conf_thresh, self.nms_iou = conf_thresh, nms_iou
         self.max_det, self.max_candidates = max_det, max_candidates

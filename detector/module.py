@@ -21,7 +21,7 @@ from .ops.boxes import unletterbox
 from .ops.postprocess import postprocess
 from .optim import DEFAULT_OPTIMIZER, OptimizerFactory, SchedulerFactory, param_groups, warmup_cosine
 from .step_guard import Nonfinite, StepGuard, nonfinite_entries
-from .structures import Target
+from .structures import Detections, Target
 
 Batch = tuple[Tensor, list[Target]]
 # Keys of MeanAveragePrecision's result logged as val/<key> (the names in docs/design.md).
@@ -148,7 +148,7 @@ class DetectorModule(L.LightningModule):
             images = images.contiguous(memory_format=torch.channels_last)
         return self.model(images)
 
-    def detect(self, images: Tensor) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
+    def detect(self, images: Tensor) -> tuple[list[Tensor], list[Detections]]:
         """Raw outputs and detections (input pixels) for a batch of images."""
         outputs = self(images)
         dets = postprocess(
@@ -267,7 +267,8 @@ class DetectorModule(L.LightningModule):
         self.log(f"{stage}/loss", loss_metric, on_step=False, on_epoch=True)
         preds, gts = [], []
         for det, t in zip(dets, targets):
-            preds.append({**det, "boxes": unletterbox(det["boxes"], t["letterbox"], t["orig_size"])})
+            boxes = unletterbox(det["boxes"], t["letterbox"], t["orig_size"])
+            preds.append({"boxes": boxes, "scores": det["scores"], "labels": det["labels"]})
             if "orig_boxes" in t:  # the annotation itself: exact, as COCO's own evaluation sees it
                 gts.append({"boxes": t["orig_boxes"], "labels": t["orig_labels"], "image_id": t["image_id"]})
             else:
@@ -311,7 +312,12 @@ class DetectorModule(L.LightningModule):
         images, targets = batch
         _, dets = self.detect(images)
         return [
-            {**d, "boxes": unletterbox(d["boxes"], t["letterbox"], t["orig_size"]), "image_id": t["image_id"]}
+            {
+                "boxes": unletterbox(d["boxes"], t["letterbox"], t["orig_size"]),
+                "scores": d["scores"],
+                "labels": d["labels"],
+                "image_id": t["image_id"],
+            }
             for d, t in zip(dets, targets)
         ]
 

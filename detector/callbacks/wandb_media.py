@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from ..loggers import log_to_wandb, wandb_run
-from ..structures import Target
+from ..structures import Detections, Target
 
 
 def box_data(
@@ -36,7 +36,7 @@ def box_data(
 
 
 def wandb_image(
-    image: Tensor, class_names: list[str], target: Target | None = None, det: dict[str, Tensor] | None = None
+    image: Tensor, class_names: list[str], target: Target | None = None, det: Detections | None = None
 ) -> Any:
     """``wandb.Image`` of ``image [3, H, W]`` (float in 0..1, or uint8) with ``ground_truth`` (target ``boxes``/``labels``)
     and ``predictions`` (det ``boxes``/``labels``/``scores``) box layers, both in the image's pixels."""
@@ -112,7 +112,7 @@ class WandbDetectionImages(L.Callback):
         if batch is None:
             return
         images, targets = batch
-        dets: list[dict[str, Tensor] | None] = [None] * len(images)
+        dets: list[Detections | None] = [None] * len(images)
         detect = getattr(pl_module, "detect", None)
         if detect is None:
             rank_zero_warn(
@@ -124,7 +124,9 @@ class WandbDetectionImages(L.Callback):
             with torch.no_grad():
                 _, found = detect(images.to(pl_module.device))
             pl_module.train(was_training)
-            dets = [{k: v[d["scores"] >= self.min_score].cpu() for k, v in d.items()} for d in found]
+            keep = [d["scores"] >= self.min_score for d in found]
+            dets = [Detections(boxes=d["boxes"][k].cpu(), scores=d["scores"][k].cpu(), labels=d["labels"][k].cpu())
+                    for d, k in zip(found, keep)]  # fmt: skip
         names = class_names_of(trainer, pl_module)
         log_to_wandb(
             trainer, {"val/examples": [wandb_image(im, names, t, d) for im, t, d in zip(images, targets, dets)]}

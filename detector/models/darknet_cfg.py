@@ -58,7 +58,7 @@ def _conv(module: nn.Module) -> DarknetLayer:
     return DarknetLayer("convolutional", options, conv, bn_out)
 
 
-def _backbone(backbone: nn.Module) -> tuple[list[DarknetLayer], list[int]]:
+def backbone_sections(backbone: nn.Module) -> tuple[list[DarknetLayer], list[int]]:
     """The backbone's sections and the section index of each feature map it returns, shallow to deep."""
     layers: list[DarknetLayer] = []
     ends: list[int] = []
@@ -89,7 +89,7 @@ def _backbone(backbone: nn.Module) -> tuple[list[DarknetLayer], list[int]]:
 
 def darknet_layers(model: YOLOv3) -> list[DarknetLayer]:
     """``model`` as darknet's sections, in cfg order (see the module docstring)."""
-    layers, ends = _backbone(model.backbone)
+    layers, ends = backbone_sections(model.backbone)
     n_scales, n_anchors = len(model.heads), model.num_anchors
     anchors = ",  ".join(f"{w:g},{h:g}" for w, h in model.anchors.view(-1, 2).tolist())
     for j, (cset, head) in enumerate(zip(model.sets, model.heads)):  # deep (stride 32) first

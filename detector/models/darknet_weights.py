@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .darknet_cfg import DarknetLayer, _backbone, darknet_layers
+from .darknet_cfg import DarknetLayer, backbone_sections, darknet_layers
 
 if TYPE_CHECKING:
     from .yolo import YOLOv3
@@ -139,7 +139,7 @@ def _plan(model: YOLOv3, n: int, cutoff: int | None, where: str) -> tuple[int, i
     other = _other_classes(convs, n, model.num_anchors)
     if other is not None:
         return len(convs), other
-    n_bb = len(_backbone(model.backbone)[0])  # sections of the backbone: 75 for Darknet-53 (.conv.74 keeps 74)
+    n_bb = len(backbone_sections(model.backbone)[0])  # sections of the backbone: 75 for Darknet-53 (.conv.74 keeps 74)
     k_bb = sum(i < n_bb for i in index)
     raise ValueError(
         f"{where} holds {n} floats, but preset {model.preset!r} with {model.num_classes} classes takes "

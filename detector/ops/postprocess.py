@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import batched_nms
 
+from ..structures import Detections
 from .boxes import anchor_grid, decode, detection_scores, flatten_outputs
 
 # Candidates per image before NMS: RetinaNet's pre-NMS top-k, ten times max_det (see postprocess).
@@ -71,7 +72,7 @@ def postprocess(
     iou_thresh: float = 0.6,
     max_det: int = 100,
     max_candidates: int = MAX_CANDIDATES,
-) -> list[dict[str, Tensor]]:
+) -> list[Detections]:
     """Detections per image (evaluation and prediction): :func:`boxes_and_scores`, then :func:`detections`.
 
     NMS costs up to O(n²) per group, so ``max_candidates`` sets the price of evaluation: 1000
@@ -90,6 +91,6 @@ def postprocess(
     img, boxes, scores, labels = detections(boxes, scores, conf_thresh, iou_thresh, max_det, max_candidates)
     sizes = torch.bincount(img, minlength=len(outputs[0])).tolist()
     return [
-        {"boxes": bx, "scores": sc, "labels": lb}
+        Detections(boxes=bx, scores=sc, labels=lb)
         for bx, sc, lb in zip(boxes.split(sizes), scores.split(sizes), labels.split(sizes))
     ]
