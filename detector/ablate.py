@@ -29,7 +29,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .ablate_report import RULE, log_summary, markdown, plot, summarize
+from .ablate_report import RULE, end_markdown, end_of_training, log_summary, markdown, plot, summarize
 from .ablate_runs import Grid, fit_task, load_grid, load_runs, run_file, run_local, save_grid, stale_runs
 
 
@@ -82,9 +82,10 @@ def report(grid: Grid, out: Path, reference: str | None) -> int:
         f"Ablation `{grid.group}`: {len(grid.names)} recipes × {len(grid.seeds)} seeds "
         f"({', '.join(map(str, grid.seeds))}) on `{grid.config}`{extra}; reference `{reference}`."
     )
-    table = markdown(summary, runs, grid.seeds, header)
+    end = end_of_training(runs, grid.names)
+    table = markdown(summary, runs, grid.seeds, header) + end_markdown(end)
     (out / "ablation.md").write_text(table)
-    doc = {"grid": asdict(grid), "reference": reference, "rule": RULE, "recipes": summary, "runs": runs}
+    doc = {"grid": asdict(grid), "reference": reference, "rule": RULE, "recipes": summary, "end": end, "runs": runs}
     (out / "ablation.json").write_text(json.dumps(_no_nan(doc), indent=2) + "\n")
     plot(summary, out / "ablation.png", reference)
     if grid.uses_wandb:

@@ -81,6 +81,63 @@ def summarize(runs: dict[str, dict[str, Any]], recipes: Sequence[str], seeds: Se
     return table
 
 
+LAST = 10  # validations at the end of a run whose val/map spread the report gives
+
+
+def end_of_training(runs: dict[str, dict[str, Any]], recipes: Sequence[str], last: int = LAST) -> dict:
+    """How steady each recipe ends: per run, ``val/map`` over its last ``last`` validations (the run's
+    ``curve``): their mean, their sample std (the epoch-to-epoch spread) and min/max, and the final
+    validation. Per recipe (runs with at least two points only): ``{"runs": n, "final": (mean, std over
+    seeds), "mean": (…), "spread": mean of the per-run stds, "per_run": {run: {...}}}``; ``{}`` when no run
+    has a curve."""
+    table: dict[str, dict] = {}
+    for recipe in recipes:
+        per_run = {}
+        for name, r in runs.items():
+            curve = [p["val/map"] for p in r.get("curve") or []][-last:]
+            if r.get("recipe") == recipe and r.get("status") == "ok" and len(curve) >= 2:
+                per_run[name] = {"n": len(curve), "final": curve[-1], "mean": statistics.fmean(curve),
+                                 "std": statistics.stdev(curve), "min": min(curve), "max": max(curve)}  # fmt: skip
+        if per_run:
+            rows = list(per_run.values())
+            table[recipe] = {
+                "runs": len(rows),
+                "final": mean_std([r["final"] for r in rows]),
+                "mean": mean_std([r["mean"] for r in rows]),
+                "spread": statistics.fmean(r["std"] for r in rows),
+                "per_run": per_run,
+            }
+    return table
+
+
+def end_markdown(end: dict, last: int = LAST) -> str:
+    """The end-of-training section of the report ("" when no run recorded a curve)."""
+    if not end:
+        return ""
+
+    def pm(pair: tuple[float, float | None]) -> str:
+        return f"{pair[0]:.3f}" + (f" ± {pair[1]:.3f}" if pair[1] is not None else "")
+
+    lines = [
+        "",
+        f"End of training: `val/map` of each run's last {last} validations (mean ± std over seeds of the run's "
+        "final value and of its mean; spread: the mean over seeds of each run's epoch-to-epoch sample std).",
+        "",
+        "| recipe | runs | final val/map | last-validations mean | spread |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {recipe} | {row['runs']} | {pm(row['final'])} | {pm(row['mean'])} | {row['spread']:.3f} |"
+        for recipe, row in end.items()
+    ]
+    lines += ["", "| run | validations | final | mean | std | min | max |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for row in end.values():
+        for name, r in row["per_run"].items():
+            cells = [f"{r[k]:.4f}" for k in ("final", "mean", "std", "min", "max")]
+            lines.append("| " + " | ".join([name, str(r["n"]), *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _cell(stat: dict) -> str:
     if math.isnan(stat["mean"]):
         return "–"

@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import lightning as L
+
 from .cli import DetectorCLI, cli_kwargs
 from .data import DetectionDataModule
 from .module import DetectorModule
@@ -150,15 +152,35 @@ def stale_runs(grid: Grid, out: Path) -> list[str]:
     return [n for n, r in load_runs(grid, out).items() if r["status"] == "stale"]
 
 
+class Curve(L.Callback):
+    """The learning curve of a fit: ``points``, one ``{"epoch", "val/map", "val/map_50"}`` per validation
+    during ``fit`` (not the sanity check, not the validation of the best checkpoint after it)."""
+
+    def __init__(self) -> None:
+        self.points: list[dict[str, float]] = []
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Read this validation's ``val/map`` and ``val/map_50`` (logged at its epoch end)."""
+        metrics = trainer.callback_metrics
+        if trainer.sanity_checking or trainer.state.fn != "fit" or "val/map" not in metrics:
+            return
+        point = {"epoch": trainer.current_epoch, "val/map": float(metrics["val/map"])}
+        self.points.append(point | {"val/map_50": float(metrics.get("val/map_50", float("nan")))})
+
+
 class _AblationCLI(DetectorCLI):
-    """DetectorCLI whose fit uses at most ``max_workers`` data workers (None: as configured)."""
+    """DetectorCLI whose fit uses at most ``max_workers`` data workers (None: as configured) and records
+    the learning curve (:class:`Curve`)."""
 
     max_workers: int | None = None
 
     def before_fit(self) -> None:
-        """Cap the datamodule's workers; the data are a pure function of (seed, epoch, index), whatever the count."""
+        """Cap the datamodule's workers (the data are a pure function of (seed, epoch, index), whatever the
+        count) and attach the curve recorder."""
         if self.max_workers is not None:
             self.datamodule.num_workers = min(self.datamodule.num_workers, self.max_workers)
+        self.curve = Curve()
+        self.trainer.callbacks.append(self.curve)  # type: ignore[attr-defined]  # set by its callback connector
 
 
 class _Tail(io.TextIOBase):
@@ -186,7 +208,8 @@ def _describe(err: BaseException, tail: Sequence[str]) -> str:
 
 def fit_task(grid: Grid, index: int, out: Path, threads: int | None = None, max_workers: int | None = None) -> dict:
     """Run task ``index`` in this process and write ``OUT/runs/<run>.json``: status "ok" with every scalar
-    ``val/*`` metric of the best checkpoint's validation, or status "failed" with a one-line error (re-raised)."""
+    ``val/*`` metric of the best checkpoint's validation and the ``curve`` of every validation during the
+    fit, or status "failed" with a one-line error (re-raised)."""
     import torch
     import wandb
 
@@ -211,7 +234,7 @@ def fit_task(grid: Grid, index: int, out: Path, threads: int | None = None, max_
     metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/") and v.numel() == 1}
     ckpt = getattr(cli.trainer.checkpoint_callback, "best_model_path", None) or None
     result |= {"status": "ok", "error": None, "metrics": metrics, "minutes": (time.perf_counter() - start) / 60}
-    result |= {"workers": cli.datamodule.num_workers, "best_model_path": ckpt}
+    result |= {"workers": cli.datamodule.num_workers, "best_model_path": ckpt, "curve": cli.curve.points}
     write_json(run_file(out, name), result)
     return result
 

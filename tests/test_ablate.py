@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from detector import ablate, ablate_runs
-from detector.ablate_report import compare, markdown, mean_std, summarize
+from detector.ablate_report import compare, end_markdown, end_of_training, markdown, mean_std, summarize
 from detector.ablate_runs import Grid, cores
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,6 +71,30 @@ def test_summary_and_table_on_known_runs() -> None:
     )
     assert "| b | 2 | – | – | – | failed: ValueError: boom |" in table
     assert "| a | 1 | 0.2000 | 0.4000 | 2.0 | ok |" in table
+
+
+def test_end_of_training_on_known_curves() -> None:
+    def run(recipe: str, maps: list[float], status: str = "ok") -> dict:
+        curve = [{"epoch": e, "val/map": m, "val/map_50": 2 * m} for e, m in enumerate(maps)]
+        return {"recipe": recipe, "status": status, "curve": curve}
+
+    runs = {
+        "a-s0": run("a", [0.0, 0.9, 0.1, 0.3, 0.2]),  # the last 3: 0.1, 0.3, 0.2
+        "a-s1": run("a", [0.5, 0.4, 0.4, 0.4]),  # 0.4, 0.4, 0.4
+        "a-s2": run("a", [0.1, 0.2, 0.3], status="failed"),  # left out
+        "b-s0": run("b", [0.7]),  # one validation: no spread, left out
+    }
+    end = end_of_training(runs, ["a", "b"], last=3)
+    assert set(end) == {"a"} and end["a"]["runs"] == 2
+    r0 = end["a"]["per_run"]["a-s0"]
+    assert (r0["n"], r0["final"], r0["min"], r0["max"]) == (3, 0.2, 0.1, 0.3)
+    assert r0["mean"] == pytest.approx(0.2) and r0["std"] == pytest.approx(0.1)
+    assert end["a"]["final"] == pytest.approx((0.3, math.sqrt(0.02)))
+    assert end["a"]["mean"][0] == pytest.approx(0.3) and end["a"]["spread"] == pytest.approx(0.05)  # (0.1 + 0) / 2
+    text = end_markdown(end, last=3)
+    assert "| a | 2 | 0.300 ± 0.141 | 0.300 ± 0.141 | 0.050 |" in text
+    assert "| a-s0 | 3 | 0.2000 | 0.2000 | 0.1000 | 0.1000 | 0.3000 |" in text
+    assert end_of_training({"b-s0": run("b", [0.7])}, ["b"]) == {} and end_markdown({}) == ""
 
 
 def test_task_index_is_a_bijection_onto_the_grid() -> None:
@@ -131,6 +155,11 @@ def test_parallel_grid_reports_mean_and_std_of_its_seeds(grid_run: tuple[Path, l
             assert stat["std"] == pytest.approx(np.std(values, ddof=1), abs=1e-12)
             assert f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}" in table
         assert f"| {recipe} | 2/2 |" in table
+        for seed in (0, 1):  # one validation in the 1-epoch fit: its curve point is what the fit logged
+            curve = runs[f"{recipe}-s{seed}"]["curve"]
+            assert [p["epoch"] for p in curve] == [0]  # not the sanity check, not the best checkpoint's validation
+            # the only checkpoint is that epoch's, so the final validation repeats the curve's point
+            assert curve[0]["val/map"] == pytest.approx(runs[f"{recipe}-s{seed}"]["metrics"]["val/map"], abs=1e-6)
         # the seed reaches the run: weights, batches and augmentation differ, so the validation loss does
         assert runs[f"{recipe}-s0"]["metrics"]["val/loss"] != runs[f"{recipe}-s1"]["metrics"]["val/loss"]
         for seed in (0, 1):
