@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Sequence
+from itertools import accumulate
 from pathlib import Path
 from typing import Any, Literal
 
@@ -87,17 +88,25 @@ LAST = 10  # validations at the end of a run whose val/map spread the report giv
 def end_of_training(runs: dict[str, dict[str, Any]], recipes: Sequence[str], last: int = LAST) -> dict:
     """How steady each recipe ends: per run, ``val/map`` over its last ``last`` validations (the run's
     ``curve``): their mean, their sample std (the epoch-to-epoch spread) and min/max, and the final
-    validation. Per recipe (runs with at least two points only): ``{"runs": n, "final": (mean, std over
-    seeds), "mean": (…), "spread": mean of the per-run stds, "per_run": {run: {...}}}``; ``{}`` when no run
-    has a curve."""
+    validation, and ``drop``, the furthest one of them fell below the best validation before it (0 for a
+    curve that never falls: a run still improving has a large std but no drop). Per recipe (runs with at
+    least two points only): ``{"runs": n, "final": (mean, std over seeds), "mean": (…), "spread": mean of
+    the per-run stds, "drop": the largest per-run drop, "per_run": {run: {...}}}``; ``{}`` when no run has
+    a curve."""
     table: dict[str, dict] = {}
     for recipe in recipes:
         per_run = {}
         for name, r in runs.items():
-            curve = [p["val/map"] for p in r.get("curve") or []][-last:]
+            full = [p["val/map"] for p in r.get("curve") or []]
+            curve = full[-last:]
             if r.get("recipe") == recipe and r.get("status") == "ok" and len(curve) >= 2:
+                best_so_far = list(accumulate(full, max))[-last:]
+                drop = max(
+                    b - v for b, v in zip(best_so_far, curve)
+                )  # how far a validation fell below the best before it
                 per_run[name] = {"n": len(curve), "final": curve[-1], "mean": statistics.fmean(curve),
-                                 "std": statistics.stdev(curve), "min": min(curve), "max": max(curve)}  # fmt: skip
+                                 "std": statistics.stdev(curve), "min": min(curve), "max": max(curve),
+                                 "drop": drop}  # fmt: skip
         if per_run:
             rows = list(per_run.values())
             table[recipe] = {
@@ -105,6 +114,7 @@ def end_of_training(runs: dict[str, dict[str, Any]], recipes: Sequence[str], las
                 "final": mean_std([r["final"] for r in rows]),
                 "mean": mean_std([r["mean"] for r in rows]),
                 "spread": statistics.fmean(r["std"] for r in rows),
+                "drop": max(r["drop"] for r in rows),
                 "per_run": per_run,
             }
     return table
@@ -121,19 +131,24 @@ def end_markdown(end: dict, last: int = LAST) -> str:
     lines = [
         "",
         f"End of training: `val/map` of each run's last {last} validations (mean ± std over seeds of the run's "
-        "final value and of its mean; spread: the mean over seeds of each run's epoch-to-epoch sample std).",
+        "final value and of its mean; spread: the mean over seeds of each run's sample std over those "
+        "validations; drop: the furthest a validation fell below the best one before it, largest over seeds).",
         "",
-        "| recipe | runs | final val/map | last-validations mean | spread |",
-        "|---|---:|---:|---:|---:|",
+        "| recipe | runs | final val/map | last-validations mean | spread | drop |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     lines += [
-        f"| {recipe} | {row['runs']} | {pm(row['final'])} | {pm(row['mean'])} | {row['spread']:.3f} |"
+        f"| {recipe} | {row['runs']} | {pm(row['final'])} | {pm(row['mean'])} | {row['spread']:.3f} | {row['drop']:.3f} |"
         for recipe, row in end.items()
     ]
-    lines += ["", "| run | validations | final | mean | std | min | max |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        "| run | validations | final | mean | std | min | max | drop |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for row in end.values():
         for name, r in row["per_run"].items():
-            cells = [f"{r[k]:.4f}" for k in ("final", "mean", "std", "min", "max")]
+            cells = [f"{r[k]:.4f}" for k in ("final", "mean", "std", "min", "max", "drop")]
             lines.append("| " + " | ".join([name, str(r["n"]), *cells]) + " |")
     return "\n".join(lines) + "\n"
 

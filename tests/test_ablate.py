@@ -88,13 +88,17 @@ def test_end_of_training_on_known_curves() -> None:
     assert set(end) == {"a"} and end["a"]["runs"] == 2
     r0 = end["a"]["per_run"]["a-s0"]
     assert (r0["n"], r0["final"], r0["min"], r0["max"]) == (3, 0.2, 0.1, 0.3)
+    assert r0["drop"] == pytest.approx(0.8)  # 0.1 after the 0.9 of epoch 1, which is outside the last 3
+    assert end["a"]["per_run"]["a-s1"]["drop"] == pytest.approx(0.1) and end["a"]["drop"] == pytest.approx(0.8)
     assert r0["mean"] == pytest.approx(0.2) and r0["std"] == pytest.approx(0.1)
     assert end["a"]["final"] == pytest.approx((0.3, math.sqrt(0.02)))
     assert end["a"]["mean"][0] == pytest.approx(0.3) and end["a"]["spread"] == pytest.approx(0.05)  # (0.1 + 0) / 2
     text = end_markdown(end, last=3)
-    assert "| a | 2 | 0.300 ± 0.141 | 0.300 ± 0.141 | 0.050 |" in text
-    assert "| a-s0 | 3 | 0.2000 | 0.2000 | 0.1000 | 0.1000 | 0.3000 |" in text
+    assert "| a | 2 | 0.300 ± 0.141 | 0.300 ± 0.141 | 0.050 | 0.800 |" in text
+    assert "| a-s0 | 3 | 0.2000 | 0.2000 | 0.1000 | 0.1000 | 0.3000 | 0.8000 |" in text
     assert end_of_training({"b-s0": run("b", [0.7])}, ["b"]) == {} and end_markdown({}) == ""
+    rising = end_of_training({"c-s0": run("c", [0.1, 0.2, 0.3, 0.4])}, ["c"])["c"]["per_run"]["c-s0"]
+    assert rising["drop"] == 0.0 and rising["std"] > 0  # still improving: spread, but no drop
 
 
 def test_task_index_is_a_bijection_onto_the_grid() -> None:
