@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import example_files
 
 from detector import export
 from detector.cli import main
@@ -36,16 +37,6 @@ def section(heading: str) -> str:
     text = (ROOT / "docs" / "models.md").read_text()
     assert f"\n{heading}\n" in text, f"docs/models.md lacks the section {heading!r}"
     return re.split(r"\n## ", text.split(f"\n{heading}\n", 1)[1], maxsplit=1)[0]
-
-
-def example_files(text: str) -> dict[str, str]:
-    """``{path: content}`` of the fenced blocks whose first line is exactly ``# <path>.py|.yaml``."""
-    files = {}
-    for block in re.findall(r"^```[a-z]*\n(.*?)^```", text, flags=re.DOTALL | re.MULTILINE):
-        m = re.fullmatch(r"# ([\w./-]+\.(?:py|yaml))", block.split("\n", 1)[0].strip())
-        if m:
-            files[m.group(1)] = block
-    return files
 
 
 def command(text: str, program: str) -> list[str]:

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import example_files
 
 from detector.losses import ClassificationLoss
 
@@ -43,16 +44,6 @@ def page_text(page: Path = PAGE) -> str:
     """The text of a docs page that holds example files."""
     assert page.is_file(), f"{page.relative_to(ROOT)} is missing"
     return page.read_text()
-
-
-def example_files(text: str) -> dict[str, str]:
-    """``{path: content}`` of the fenced blocks whose first line is exactly ``# <path>.py|.yaml``."""
-    files = {}
-    for block in re.findall(r"^```[a-z]*\n(.*?)^```", text, flags=re.DOTALL | re.MULTILINE):
-        m = re.fullmatch(r"# ([\w./-]+\.(?:py|yaml))", block.split("\n", 1)[0].strip())
-        if m:
-            files[m.group(1)] = block
-    return files
 
 
 def commands(text: str, program: str) -> list[list[str]]:
